@@ -1,0 +1,170 @@
+"""Model presets and constructors. Port of segment_anything/build_sam.py (Apache-2.0)."""
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from amsam_jax.modeling.image_encoder import ImageEncoderViT
+from amsam_jax.modeling.mask_decoder import MaskDecoder
+from amsam_jax.modeling.prompt_encoder import PromptEncoder
+from amsam_jax.modeling.sam import Sam
+from amsam_jax.modeling.transformer import TwoWayTransformer
+
+# Global-attention block indices per official size (spec §1.1). Never derived from names.
+GLOBAL_ATTN_INDEXES = {
+    "vit_b": (2, 5, 8, 11),
+    "vit_l": (5, 11, 17, 23),
+    "vit_h": (7, 15, 23, 31),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """Everything that determines the SAM architecture (and so the checkpoint's shapes)."""
+
+    model_type: str = "vit_b"
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = GLOBAL_ATTN_INDEXES["vit_b"]
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    num_multimask_outputs: int = 3
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # Compute dtype of the frozen image encoder ("float32" or "bfloat16"); params stay float32.
+    encoder_dtype: str = "float32"
+
+    @classmethod
+    def vit_b(cls, **kw) -> "SamConfig":
+        return cls(**kw)
+
+    @classmethod
+    def vit_l(cls, **kw) -> "SamConfig":
+        base = dict(
+            model_type="vit_l",
+            encoder_embed_dim=1024,
+            encoder_depth=24,
+            encoder_num_heads=16,
+            encoder_global_attn_indexes=GLOBAL_ATTN_INDEXES["vit_l"],
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def vit_h(cls, **kw) -> "SamConfig":
+        base = dict(
+            model_type="vit_h",
+            encoder_embed_dim=1280,
+            encoder_depth=32,
+            encoder_num_heads=16,
+            encoder_global_attn_indexes=GLOBAL_ATTN_INDEXES["vit_h"],
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> "SamConfig":
+        """A small model for logic tests: same code paths, a fraction of the compute."""
+        base = dict(
+            model_type="tiny",
+            image_size=256,
+            encoder_embed_dim=64,
+            encoder_depth=2,
+            encoder_num_heads=2,
+            encoder_global_attn_indexes=(1,),
+            prompt_embed_dim=32,
+            decoder_num_heads=2,
+            decoder_mlp_dim=64,
+            iou_head_hidden_dim=32,
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def preset(cls, model_type: str, **kw) -> "SamConfig":
+        if model_type not in ("vit_b", "vit_l", "vit_h", "tiny"):
+            raise ValueError(f"unknown model type {model_type!r} (vit_b, vit_l, vit_h, tiny)")
+        return getattr(cls, model_type)(**kw)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
+        d = dict(d)
+        for key in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def build_sam(cfg: SamConfig, rngs: nnx.Rngs | None = None) -> Sam:
+    """Builds a randomly initialised SAM for `cfg`.
+
+    Args:
+        cfg: architecture.
+        rngs: initialisation RNGs (default `nnx.Rngs(0)`).
+
+    Returns:
+        the model.
+    """
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    grid = cfg.grid_size
+    image_encoder = ImageEncoderViT(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.encoder_embed_dim,
+        depth=cfg.encoder_depth,
+        num_heads=cfg.encoder_num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.prompt_embed_dim,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.encoder_global_attn_indexes,
+        dtype=jnp.dtype(cfg.encoder_dtype),
+        rngs=rngs,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.image_size, cfg.image_size),
+        mask_in_chans=cfg.mask_in_chans,
+        rngs=rngs,
+    )
+    transformer = TwoWayTransformer(
+        depth=cfg.decoder_depth,
+        embedding_dim=cfg.prompt_embed_dim,
+        num_heads=cfg.decoder_num_heads,
+        mlp_dim=cfg.decoder_mlp_dim,
+        rngs=rngs,
+    )
+    mask_decoder = MaskDecoder(
+        transformer_dim=cfg.prompt_embed_dim,
+        transformer=transformer,
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        rngs=rngs,
+    )
+    return Sam(image_encoder, prompt_encoder, mask_decoder, cfg.pixel_mean, cfg.pixel_std)
+
+
+sam_model_registry = {
+    "default": lambda rngs=None: build_sam(SamConfig.vit_h(), rngs),
+    "vit_h": lambda rngs=None: build_sam(SamConfig.vit_h(), rngs),
+    "vit_l": lambda rngs=None: build_sam(SamConfig.vit_l(), rngs),
+    "vit_b": lambda rngs=None: build_sam(SamConfig.vit_b(), rngs),
+}
