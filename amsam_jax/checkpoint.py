@@ -1,0 +1,85 @@
+"""Loading converted SAM weights (no torch) and saving/restoring parameter trees with Orbax."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.modeling.sam import Sam
+
+FORMAT = "amsam_jax.sam/1"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(Exception):
+    """A converted-SAM directory that cannot be loaded; one line naming the path and problem."""
+
+
+def abstract_state(cfg: SamConfig) -> nnx.State:
+    """The NNX state of `build_sam(cfg)` as shapes only (nothing is allocated)."""
+    return nnx.state(nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0))))
+
+
+def save_params(path: str | os.PathLike, nested: dict) -> None:
+    """Writes a nested dict of arrays as an Orbax checkpoint at `path` (must not exist)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(path).absolute(), nested)
+    checkpointer.wait_until_finished()
+
+
+def read_sam_config(sam_dir: str | os.PathLike) -> tuple[SamConfig, dict]:
+    """Reads `config.json` of a converted SAM directory: (SamConfig, full metadata)."""
+    sam_dir = Path(sam_dir)
+    cfg_path = sam_dir / CONFIG_FILE
+    if not cfg_path.is_file() or not (sam_dir / PARAMS_DIR).is_dir():
+        raise CheckpointError(
+            f"{sam_dir}: not a converted SAM directory (needs {CONFIG_FILE} and {PARAMS_DIR}/; "
+            "create one with `python -m weights_conversion sam CKPT OUT_DIR`)"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return SamConfig.from_dict(meta["model"]), meta
+
+
+def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sam:
+    """Loads a SAM converted by `python -m weights_conversion sam` (torch is not needed).
+
+    Args:
+        sam_dir: the converted directory.
+        encoder_dtype: optional compute dtype override of the frozen encoder ("bfloat16").
+
+    Returns:
+        the model, with float32 parameters.
+    """
+    cfg, _ = read_sam_config(sam_dir)
+    if encoder_dtype is not None:
+        cfg = dataclasses.replace(cfg, encoder_dtype=encoder_dtype)
+    abstract_model = nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract_model)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+    params_path = (Path(sam_dir) / PARAMS_DIR).absolute()
+    try:
+        restored = ocp.StandardCheckpointer().restore(params_path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{params_path}: cannot restore ({first})") from None
+    bad = [
+        ".".join(map(str, p))
+        for p, x in jax.tree_util.tree_leaves_with_path(restored)
+        if not np.all(np.isfinite(np.asarray(x)))
+    ]
+    if bad:
+        raise CheckpointError(f"{params_path}: non-finite values in {', '.join(bad[:5])}")
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,1 @@
+"""PyTorch -> amsam_jax weight conversion (needs the `convert` extra: torch)."""

@@ -1,0 +1,96 @@
+"""Official segment-anything state-dict keys -> amsam_jax NNX paths (data, not code)."""
+
+import enum
+import re
+
+import numpy as np
+
+
+class Transform(enum.Enum):
+    """How a PyTorch tensor becomes the NNX array."""
+
+    NONE = "none"  # copied as is (embeddings, buffers, LayerNorm, ConvTranspose2x2 in torch layout)
+    LINEAR = "linear"  # (out, in) -> (in, out)
+    CONV = "conv"  # (O, I, kh, kw) -> (kh, kw, I, O)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self is Transform.LINEAR:
+            return np.ascontiguousarray(x.T)
+        if self is Transform.CONV:
+            return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+        return x
+
+
+_ATTN = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+_PROJ = r"(q_proj|k_proj|v_proj|out_proj)"
+
+# Full-match regex on the torch key -> (NNX path template with \1.. backrefs, transform).
+# Torch nn.Sequential indices that hold activations have no parameters, so the NNX lists skip
+# them: mask_downscaling 0,1,3,4,6 -> 0..4 and output_upscaling 0,1,3 -> 0..2.
+MAPPING: dict[str, tuple[str, Transform]] = {
+    # image encoder
+    r"image_encoder\.patch_embed\.proj\.weight": ("image_encoder.patch_embed.proj.kernel", Transform.CONV),
+    r"image_encoder\.patch_embed\.proj\.bias": ("image_encoder.patch_embed.proj.bias", Transform.NONE),
+    r"image_encoder\.pos_embed": ("image_encoder.pos_embed", Transform.NONE),
+    r"image_encoder\.blocks\.(\d+)\.norm([12])\.weight": (r"image_encoder.blocks.\1.norm\2.scale", Transform.NONE),
+    r"image_encoder\.blocks\.(\d+)\.norm([12])\.bias": (r"image_encoder.blocks.\1.norm\2.bias", Transform.NONE),
+    r"image_encoder\.blocks\.(\d+)\.attn\.(qkv|proj)\.weight": (r"image_encoder.blocks.\1.attn.\2.kernel", Transform.LINEAR),
+    r"image_encoder\.blocks\.(\d+)\.attn\.(qkv|proj)\.bias": (r"image_encoder.blocks.\1.attn.\2.bias", Transform.NONE),
+    r"image_encoder\.blocks\.(\d+)\.attn\.(rel_pos_[hw])": (r"image_encoder.blocks.\1.attn.\2", Transform.NONE),
+    r"image_encoder\.blocks\.(\d+)\.mlp\.(lin[12])\.weight": (r"image_encoder.blocks.\1.mlp.\2.kernel", Transform.LINEAR),
+    r"image_encoder\.blocks\.(\d+)\.mlp\.(lin[12])\.bias": (r"image_encoder.blocks.\1.mlp.\2.bias", Transform.NONE),
+    r"image_encoder\.neck\.([02])\.weight": (r"image_encoder.neck.\1.kernel", Transform.CONV),
+    r"image_encoder\.neck\.([13])\.(weight|bias)": (r"image_encoder.neck.\1.\2", Transform.NONE),
+    # prompt encoder
+    r"prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix": ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", Transform.NONE),
+    r"prompt_encoder\.point_embeddings\.([0-3])\.weight": (r"prompt_encoder.point_embeddings.\1.weight", Transform.NONE),
+    r"prompt_encoder\.not_a_point_embed\.weight": ("prompt_encoder.not_a_point_embed.weight", Transform.NONE),
+    r"prompt_encoder\.no_mask_embed\.weight": ("prompt_encoder.no_mask_embed.weight", Transform.NONE),
+    r"prompt_encoder\.mask_downscaling\.0\.weight": ("prompt_encoder.mask_downscaling.0.kernel", Transform.CONV),
+    r"prompt_encoder\.mask_downscaling\.0\.bias": ("prompt_encoder.mask_downscaling.0.bias", Transform.NONE),
+    r"prompt_encoder\.mask_downscaling\.1\.(weight|bias)": (r"prompt_encoder.mask_downscaling.1.\1", Transform.NONE),
+    r"prompt_encoder\.mask_downscaling\.3\.weight": ("prompt_encoder.mask_downscaling.2.kernel", Transform.CONV),
+    r"prompt_encoder\.mask_downscaling\.3\.bias": ("prompt_encoder.mask_downscaling.2.bias", Transform.NONE),
+    r"prompt_encoder\.mask_downscaling\.4\.(weight|bias)": (r"prompt_encoder.mask_downscaling.3.\1", Transform.NONE),
+    r"prompt_encoder\.mask_downscaling\.6\.weight": ("prompt_encoder.mask_downscaling.4.kernel", Transform.CONV),
+    r"prompt_encoder\.mask_downscaling\.6\.bias": ("prompt_encoder.mask_downscaling.4.bias", Transform.NONE),
+    # mask decoder: two-way transformer
+    rf"mask_decoder\.transformer\.layers\.(\d+)\.{_ATTN}\.{_PROJ}\.weight": (r"mask_decoder.transformer.layers.\1.\2.\3.kernel", Transform.LINEAR),
+    rf"mask_decoder\.transformer\.layers\.(\d+)\.{_ATTN}\.{_PROJ}\.bias": (r"mask_decoder.transformer.layers.\1.\2.\3.bias", Transform.NONE),
+    r"mask_decoder\.transformer\.layers\.(\d+)\.(norm[1-4])\.weight": (r"mask_decoder.transformer.layers.\1.\2.scale", Transform.NONE),
+    r"mask_decoder\.transformer\.layers\.(\d+)\.(norm[1-4])\.bias": (r"mask_decoder.transformer.layers.\1.\2.bias", Transform.NONE),
+    r"mask_decoder\.transformer\.layers\.(\d+)\.mlp\.(lin[12])\.weight": (r"mask_decoder.transformer.layers.\1.mlp.\2.kernel", Transform.LINEAR),
+    r"mask_decoder\.transformer\.layers\.(\d+)\.mlp\.(lin[12])\.bias": (r"mask_decoder.transformer.layers.\1.mlp.\2.bias", Transform.NONE),
+    rf"mask_decoder\.transformer\.final_attn_token_to_image\.{_PROJ}\.weight": (r"mask_decoder.transformer.final_attn_token_to_image.\1.kernel", Transform.LINEAR),
+    rf"mask_decoder\.transformer\.final_attn_token_to_image\.{_PROJ}\.bias": (r"mask_decoder.transformer.final_attn_token_to_image.\1.bias", Transform.NONE),
+    r"mask_decoder\.transformer\.norm_final_attn\.weight": ("mask_decoder.transformer.norm_final_attn.scale", Transform.NONE),
+    r"mask_decoder\.transformer\.norm_final_attn\.bias": ("mask_decoder.transformer.norm_final_attn.bias", Transform.NONE),
+    # mask decoder: tokens, upscaling, heads
+    r"mask_decoder\.(iou_token|mask_tokens)\.weight": (r"mask_decoder.\1.weight", Transform.NONE),
+    r"mask_decoder\.output_upscaling\.0\.(weight|bias)": (r"mask_decoder.output_upscaling.0.\1", Transform.NONE),
+    r"mask_decoder\.output_upscaling\.1\.(weight|bias)": (r"mask_decoder.output_upscaling.1.\1", Transform.NONE),
+    r"mask_decoder\.output_upscaling\.3\.(weight|bias)": (r"mask_decoder.output_upscaling.2.\1", Transform.NONE),
+    r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.layers\.(\d+)\.weight": (r"mask_decoder.output_hypernetworks_mlps.\1.layers.\2.kernel", Transform.LINEAR),
+    r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.layers\.(\d+)\.bias": (r"mask_decoder.output_hypernetworks_mlps.\1.layers.\2.bias", Transform.NONE),
+    r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight": (r"mask_decoder.iou_prediction_head.layers.\1.kernel", Transform.LINEAR),
+    r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.bias": (r"mask_decoder.iou_prediction_head.layers.\1.bias", Transform.NONE),
+}  # fmt: skip
+
+# The decoder heads whose shapes depend on the number of mask tokens (spec §2.3).
+HEAD_PREFIXES = (
+    "mask_decoder.mask_tokens.",
+    "mask_decoder.output_hypernetworks_mlps.",
+    "mask_decoder.iou_prediction_head.",
+)
+
+_COMPILED = [(re.compile(k), v) for k, v in MAPPING.items()]
+
+
+def target_of(torch_key: str) -> tuple[str, Transform] | None:
+    """The NNX path (dotted) and transform for a torch key, or None if no rule matches."""
+    for pattern, (template, transform) in _COMPILED:
+        m = pattern.fullmatch(torch_key)
+        if m:
+            return m.expand(template), transform
+    return None
+
