@@ -8,7 +8,6 @@ from functools import partial
 import numpy as np
 import torch
 from flax import nnx
-from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -16,6 +15,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.common import LayerNorm2d
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import abstract_state

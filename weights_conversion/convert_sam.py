@@ -129,7 +129,8 @@ def infer_config(
     expected = tuple(i for i in GLOBAL_ATTN_INDEXES[detected] if i < depth)
     if global_blocks != expected:
         raise ConversionError(
-            f"global-attention blocks {list(global_blocks)} do not match {detected}'s {list(expected)}"
+            f"global-attention blocks {list(global_blocks)} do not match "
+            f"{detected}'s {list(expected)}"
         )
     src_tokens = sd["mask_decoder.mask_tokens.weight"].shape[0]
     src_size = src_grid * patch
@@ -204,7 +205,7 @@ def convert_state_dict(
         seed: seed of that re-initialisation.
 
     Returns:
-        (nested pure dict for `nnx.replace_by_pure_dict`, report of what was resized/re-initialised).
+        (nested pure dict for `nnx.replace_by_pure_dict`, report of resized/re-initialised keys).
     """
     targets = {".".join(map(str, path)): v for path, v in abstract_state(cfg).flat_state()}
     if reinit_heads is None:
