@@ -102,18 +102,22 @@ def _linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
     return i0, i1, lam
 
 
-def resize_linear(x: jax.Array, size: int, axis: int) -> jax.Array:
-    """Linear resize of one axis, half-pixel centres, no antialiasing (torch F.interpolate)."""
+def resize_linear(x, size: int, axis: int):
+    """Linear resize of one axis, half-pixel centres, no antialiasing (torch F.interpolate).
+
+    Works on numpy arrays (host-side post-processing, no compilation) and on jax arrays.
+    """
+    xp = np if isinstance(x, np.ndarray) else jnp
     i0, i1, lam = _linear_indices(x.shape[axis], size)
     shape = [1] * x.ndim
     shape[axis] = size
-    lam = jnp.asarray(lam).reshape(shape).astype(x.dtype)
-    x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
-    x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
+    lam = xp.asarray(lam).reshape(shape).astype(x.dtype)
+    x0 = xp.take(x, i0, axis=axis)
+    x1 = xp.take(x, i1, axis=axis)
     return (1 - lam) * x0 + lam * x1
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int]) -> jax.Array:
+def resize_bilinear(x, size: tuple[int, int], axes: tuple[int, int]):
     """Bilinear resize of two axes (H, W) like F.interpolate(mode="bilinear", align_corners=False).
 
     Deliberately not `jax.image.resize`, which antialiases when downsampling.

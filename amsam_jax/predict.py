@@ -1,0 +1,180 @@
+"""Command-line prediction with SamPredictor.
+
+    python -m amsam_jax.predict --sam converted/vit_b --image photo.jpg --box 40 30 400 380 \
+        --point 200 200 1 --output out.npz --overlay out.png
+    python -m amsam_jax.predict --demo --output runs/demo/prediction.npz --overlay runs/demo/overlay.png
+
+`--demo` uses the bundled sample image and its default prompts, with the converted SAM in
+`--sam` (default `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present) or else a randomly
+initialised ViT-B, which is said loudly: random weights give meaningless masks.
+"""
+
+import argparse
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.checkpoint import CheckpointError, load_sam
+from amsam_jax.predictor import SamPredictor
+from amsam_jax.transforms import ImageReadError, read_image_rgb
+
+DEFAULT_SAM_DIR = "checkpoints/sam_vit_b"
+SAMPLE_IMAGE = "sample.jpg"
+# Prompts for the sample image: a box around the disc and a point on it.
+SAMPLE_BOX = (90.0, 115.0, 345.0, 370.0)
+SAMPLE_POINTS = ((217.0, 242.0, 1),)
+MASK_COLORS = ((30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60))
+
+
+class UsageError(Exception):
+    """Bad command-line input; one line."""
+
+
+def sample_image_path() -> Path:
+    return Path(str(resources.files("amsam_jax") / "assets" / SAMPLE_IMAGE))
+
+
+def resolve_model(sam_dir: str | None, demo: bool, encoder_dtype: str | None):
+    """Loads the converted SAM, or (demo only, none found) builds a random ViT-B.
+
+    Returns:
+        (model, description of the weights).
+    """
+    if sam_dir is None and demo:
+        candidate = os.environ.get("AMSAM_SAM", DEFAULT_SAM_DIR)
+        if Path(candidate).is_dir():
+            sam_dir = candidate
+    if sam_dir is not None:
+        return load_sam(sam_dir, encoder_dtype), f"converted weights from {sam_dir}"
+    if not demo:
+        raise UsageError(
+            "--sam is required (a directory made by `python -m weights_conversion sam`)"
+        )
+    cfg = SamConfig.vit_b(encoder_dtype=encoder_dtype or "float32")
+    return build_sam(cfg), "RANDOM WEIGHTS (no converted SAM found): masks are meaningless"
+
+
+def check_prompts(box, points, size: tuple[int, int]) -> None:
+    h, w = size
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise UsageError(
+                f"--box {x0:g} {y0:g} {x1:g} {y1:g}: must satisfy 0 <= x0 < x1 <= {w}"
+                f" and 0 <= y0 < y1 <= {h} (image is {w}x{h})"
+            )
+    for x, y, label in points:
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise UsageError(f"--point {x:g} {y:g}: outside the {w}x{h} image")
+        if label not in (0, 1):
+            raise UsageError(f"--point label {label:g}: must be 1 (foreground) or 0 (background)")
+
+
+def draw_overlay(image, masks, box, points, title: str) -> Image.Image:
+    """The image with masks tinted, the box outlined, points dotted and a title line."""
+    out = image.astype(np.float32)
+    for k, mask in enumerate(masks):
+        color = np.asarray(MASK_COLORS[k % len(MASK_COLORS)], np.float32)
+        out[mask] = 0.5 * out[mask] + 0.5 * color
+    img = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    if box is not None:
+        draw.rectangle(list(box), outline=(0, 255, 0), width=3)
+    for x, y, label in points:
+        r = 6
+        fill = (0, 255, 0) if label == 1 else (255, 0, 0)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
+    draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
+    draw.text((3, 2), title, fill=(255, 255, 0))
+    return img
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m amsam_jax.predict",
+        description="Predict masks with SAM for box/point prompts.",
+    )
+    parser.add_argument("--sam", help="converted SAM directory (python -m weights_conversion sam)")
+    parser.add_argument("--image", help="input image (any format PIL reads)")
+    parser.add_argument("--demo", action="store_true", help="bundled sample image and prompts")
+    parser.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))
+    parser.add_argument(
+        "--point", nargs=3, type=float, action="append", default=[], metavar=("X", "Y", "LABEL")
+    )
+    parser.add_argument("--multimask", action="store_true", help="return SAM's three masks")
+    parser.add_argument("--output", required=True, help="output .npz")
+    parser.add_argument("--overlay", help="output .png with masks, box and points drawn")
+    parser.add_argument("--encoder-dtype", choices=["float32", "bfloat16"], default=None)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.image is None and not args.demo:
+        raise UsageError("--image is required (or --demo for the bundled sample)")
+    image_path = args.image or sample_image_path()
+    box, points = args.box, [tuple(p) for p in args.point]
+    if args.demo and box is None and not points:
+        box, points = list(SAMPLE_BOX), list(SAMPLE_POINTS)
+    if box is None and not points:
+        raise UsageError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y LABEL")
+    image = read_image_rgb(image_path)
+    check_prompts(box, points, image.shape[:2])
+    model, weights = resolve_model(args.sam, args.demo, args.encoder_dtype)
+    print(f"weights: {weights}", file=sys.stderr)
+
+    predictor = SamPredictor(model)
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    masks, iou, low_res = predictor.predict(
+        point_coords=np.asarray([p[:2] for p in points]) if points else None,
+        point_labels=np.asarray([int(p[2]) for p in points]) if points else None,
+        box=np.asarray(box) if box is not None else None,
+        multimask_output=args.multimask,
+    )
+    seconds = time.perf_counter() - t0
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez_compressed(tmp, masks=masks, iou_predictions=iou, low_res_logits=low_res)
+    os.replace(tmp, out)
+    if args.overlay:
+        title = (
+            f"{'RANDOM WEIGHTS - ' if 'RANDOM' in weights else ''}SAM masks (iou "
+            + ", ".join(f"{v:.2f}" for v in iou)
+            + ")"
+        )
+        overlay = Path(args.overlay)
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        draw_overlay(image, masks, box, points, title).save(overlay)
+    return {
+        "image": str(image_path),
+        "weights": weights,
+        "masks": list(masks.shape),
+        "iou_predictions": [round(float(v), 4) for v in iou],
+        "mask_pixels": [int(m.sum()) for m in masks],
+        "seconds": round(seconds, 2),
+        "output": str(out),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (UsageError, ImageReadError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

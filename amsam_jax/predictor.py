@@ -1,0 +1,166 @@
+"""SamPredictor: the official interactive-prediction API on the Flax model.
+
+Port of segment_anything/predictor.py (Apache-2.0). Same arguments, shapes and semantics, except
+that `get_image_embedding` returns channels-last (1, G, G, C) like the rest of amsam_jax.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from amsam_jax.modeling.sam import Sam
+from amsam_jax.transforms import ResizeLongestSide
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, input_hw: jax.Array):
+    """Normalises, zero-pads outside the valid (h, w) region and encodes one (1, S, S, 3) image.
+
+    The valid size is a traced value, so every image size shares one compiled function.
+    """
+    model = nnx.merge(graphdef, state)
+    s = image.shape[1]
+    x = (image - model.pixel_mean[...]) / model.pixel_std[...]
+    valid = (jnp.arange(s)[:, None] < input_hw[0]) & (jnp.arange(s)[None, :] < input_hw[1])
+    x = jnp.where(valid[None, :, :, None], x, 0.0)  # the reference pads after normalising
+    return model.image_encoder(x)
+
+
+@partial(jax.jit, static_argnums=(0, 7))
+def _decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    features: jax.Array,
+    coords: jax.Array | None,
+    labels: jax.Array | None,
+    boxes: jax.Array | None,
+    mask_input: jax.Array | None,
+    multimask_output: bool,
+):
+    model = nnx.merge(graphdef, state)
+    points = (coords, labels) if coords is not None else None
+    sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+    return model.mask_decoder(
+        features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+    )
+
+
+class SamPredictor:
+    """Computes an image embedding once, then predicts masks for any number of prompts."""
+
+    def __init__(self, sam_model: Sam):
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self._graphdef, self._state = nnx.split(sam_model)
+        self.reset_image()
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embeds an image.
+
+        Args:
+            image: uint8 (H, W, 3) in `image_format` ("RGB" or "BGR").
+            image_format: channel order of `image`.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        input_image = self.transform.apply_image(np.ascontiguousarray(image))
+        self.reset_image()
+        self.original_size = image.shape[:2]
+        self.input_size = input_image.shape[:2]
+        s = self.model.image_size
+        padded = np.zeros((1, s, s, 3), np.float32)
+        padded[0, : self.input_size[0], : self.input_size[1]] = input_image
+        self.features = _encode(
+            self._graphdef, self._state, jnp.asarray(padded), jnp.asarray(self.input_size)
+        )
+        self.is_image_set = True
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicts masks for prompts on the current image.
+
+        Args:
+            point_coords: (N, 2) (x, y) in original-image pixels.
+            point_labels: (N,) 1 foreground, 0 background.
+            box: (4,) x0, y0, x1, y1 in original-image pixels.
+            mask_input: (1, 4G, 4G) low-resolution logits from a previous prediction.
+            multimask_output: three masks (True) or one.
+            return_logits: return logits instead of thresholded masks.
+
+        Returns:
+            masks (K, H, W) bool (float32 logits with `return_logits`), iou_predictions (K,) and
+            low_res_logits (K, 4G, 4G).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        coords = labels = boxes = mask = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied if point_coords is supplied.")
+            point_coords = np.asarray(point_coords)
+            point_labels = np.asarray(point_labels)
+            if point_coords.ndim != 2 or point_coords.shape[1] != 2:
+                raise ValueError(f"point_coords must be (N, 2), got {point_coords.shape}")
+            if point_labels.shape != point_coords.shape[:1]:
+                raise ValueError(f"point_labels must be ({len(point_coords)},)")
+            coords = self.transform.apply_coords(point_coords, self.original_size)
+            coords = jnp.asarray(coords[None], jnp.float32)  # (1, N, 2)
+            labels = jnp.asarray(point_labels[None], jnp.int32)  # (1, N)
+        if box is not None:
+            box = np.asarray(box, dtype=np.float64).reshape(-1)
+            if box.shape != (4,):
+                raise ValueError(f"box must have 4 values, got {box.size}")
+            boxes = jnp.asarray(self.transform.apply_boxes(box, self.original_size), jnp.float32)
+        if mask_input is not None:
+            g4 = self.model.prompt_encoder.mask_input_size
+            mask_input = np.asarray(mask_input, np.float32)
+            if mask_input.shape != (1, *g4):
+                raise ValueError(
+                    f"mask_input must be (1, {g4[0]}, {g4[1]}), got {mask_input.shape}"
+                )
+            mask = jnp.asarray(mask_input[..., None])  # (1, 4G, 4G, 1)
+        low_res, iou = _decode(
+            self._graphdef,
+            self._state,
+            self.features,
+            coords,
+            labels,
+            boxes,
+            mask,
+            multimask_output,
+        )
+        low_res = np.asarray(low_res)
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks[0], np.asarray(iou)[0], low_res[0]
+
+    def get_image_embedding(self) -> jax.Array:
+        """The current image's embedding, channels-last (1, G, G, C)."""
+        if not self.is_image_set:
+            raise RuntimeError(
+                "An image must be set with .set_image(...) to generate an embedding."
+            )
+        return self.features
+
+    def reset_image(self) -> None:
+        """Forgets the current image."""
+        self.is_image_set = False
+        self.features = None
+        self.original_size = None
+        self.input_size = None
