@@ -2,7 +2,7 @@
 
     python -m amsam_jax.predict --sam converted/vit_b --image photo.jpg --box 40 30 400 380 \
         --point 200 200 1 --output out.npz --overlay out.png
-    python -m amsam_jax.predict --demo --output runs/demo/prediction.npz --overlay runs/demo/overlay.png
+    python -m amsam_jax.predict --demo --output runs/demo/pred.npz --overlay runs/demo/overlay.png
 
 `--demo` uses the bundled sample image and its default prompts, with the converted SAM in
 `--sam` (default `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present) or else a randomly
