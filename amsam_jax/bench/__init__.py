@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m amsam_jax.bench <subcommand> --help`."""

@@ -1,0 +1,257 @@
+"""Image-encoder forward benchmark: jitted amsam_jax encoder vs the official PyTorch encoder.
+
+    python -m amsam_jax.bench encoder --model-type vit_b --image-size 1024 [--repeats 3]
+        [--dtype float32|bfloat16] [--no-torch] [--torch-threads N]
+
+Prints one JSON object. Batch 1, random weights (speed only). Each framework runs in its own
+subprocess, so each peak RSS (`ru_maxrss`, per process) is that framework's alone; torch is imported
+only inside the torch worker.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m amsam_jax.bench encoder",
+        description="Image-encoder forward time and peak RSS: amsam_jax (JAX) vs official PyTorch.",
+    )
+    parser.add_argument(
+        "--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "tiny")
+    )
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards after warm-up")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="JAX encoder compute dtype (PyTorch always runs float32, the official setting)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch encoder")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--xla-flags",
+        default="",
+        help="extra XLA_FLAGS for the JAX worker only (appended to the environment's)",
+    )
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def peak_rss_gib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def summarize(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+    }
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_jax(args: argparse.Namespace) -> dict:
+    """Builds, compiles and times the jitted encoder; runs in its own process."""
+    if args.xla_flags:
+        # Must be set before jax initialises its backend.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from amsam_jax.build_sam import SamConfig, build_sam
+
+    cfg = SamConfig.preset(args.model_type, image_size=args.image_size, encoder_dtype=args.dtype)
+    start = time.perf_counter()
+    # Shapes only, then one host-random array per parameter: building with the real initialisers
+    # would take seconds of eager ops (or a jitted init whose peak RSS exceeds the forward's).
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0)).image_encoder)
+    )
+    rng = np.random.default_rng(args.seed)
+    state = jax.tree.map(
+        lambda a: jax.device_put((0.02 * rng.standard_normal(a.shape, np.float32)).astype(a.dtype)),
+        abstract,
+    )
+    jax.block_until_ready(state)
+    build_s = time.perf_counter() - start
+    rss_built = peak_rss_gib()
+
+    # The module is split: graphdef is closed over (static), the weights are a traced argument.
+    # The input is not donated: no output has its shape, so XLA could not reuse the buffer.
+    @jax.jit
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.normal(jax.random.key(args.seed), (1, args.image_size, args.image_size, 3))
+    start = time.perf_counter()
+    lowered = forward.lower(state, x)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    rss_compiled = peak_rss_gib()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    def call():
+        jax.block_until_ready(compiled(state, x))
+
+    start = time.perf_counter()
+    call()
+    warmup_s = time.perf_counter() - start
+    times = time_calls(call, args.repeats)
+    result = {
+        **summarize(times),
+        "warmup_s": warmup_s,
+        "build_s": build_s,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_after_build_gib": rss_built,
+        "peak_rss_after_compile_gib": rss_compiled,
+        "dtype": args.dtype,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "xla_gflop": flops / 1e9,
+    }
+    if flops:
+        result["gflop_per_s"] = flops / 1e9 / result["median_s"]
+    return result
+
+
+def run_torch(args: argparse.Namespace) -> dict:
+    """Builds and times segment_anything's ImageEncoderViT; runs in its own process."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import ImageEncoderViT
+
+    from amsam_jax.build_sam import SamConfig
+
+    cfg = SamConfig.preset(args.model_type, image_size=args.image_size)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    # The constructor arguments of segment_anything/build_sam.py::_build_sam.
+    encoder = ImageEncoderViT(
+        depth=cfg.encoder_depth,
+        embed_dim=cfg.encoder_embed_dim,
+        img_size=cfg.image_size,
+        mlp_ratio=cfg.mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=cfg.encoder_num_heads,
+        patch_size=cfg.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=cfg.encoder_global_attn_indexes,
+        window_size=cfg.window_size,
+        out_chans=cfg.prompt_embed_dim,
+    ).eval()
+    build_s = time.perf_counter() - start
+    rss_built = peak_rss_gib()
+    x = torch.randn(1, 3, args.image_size, args.image_size)
+
+    def call():
+        with torch.no_grad():
+            encoder(x)
+
+    start = time.perf_counter()
+    call()
+    warmup_s = time.perf_counter() - start
+    times = time_calls(call, args.repeats)
+    return {
+        **summarize(times),
+        "warmup_s": warmup_s,
+        "build_s": build_s,
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_after_build_gib": rss_built,
+        "dtype": "float32",
+        "num_threads": torch.get_num_threads(),
+        "num_threads_source": "--torch-threads" if args.torch_threads else "torch default",
+        "torch_version": torch.__version__,
+    }
+
+
+def run_worker(kind: str, argv: list[str]) -> dict:
+    """Runs this module as `--worker kind` in a fresh interpreter; returns its JSON."""
+    cmd = [sys.executable, "-m", "amsam_jax.bench.encoder", *argv, "--worker", kind]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_unavailable_reason(args: argparse.Namespace) -> str | None:
+    if args.no_torch:
+        return "--no-torch"
+    for module in ("torch", "segment_anything"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.worker:
+        run = run_jax if args.worker == "jax" else run_torch
+        print(json.dumps(run(args)))
+        return 0
+
+    result = {
+        "benchmark": "encoder",
+        "model_type": args.model_type,
+        "image_size": args.image_size,
+        "batch": 1,
+        "repeats": args.repeats,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            # Other processes on a 2-core machine skew timings; this makes it visible.
+            "loadavg_1min_before": os.getloadavg()[0],
+        },
+        "jax": run_worker("jax", argv),
+    }
+    skipped = torch_unavailable_reason(args)
+    if skipped:
+        result["torch"] = None
+        result["torch_skipped"] = skipped
+    else:
+        result["torch"] = run_worker("torch", argv)
+        result["torch_over_jax"] = result["torch"]["median_s"] / result["jax"]["median_s"]
+    result["machine"]["loadavg_1min_after"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
