@@ -665,11 +665,31 @@ def detect_boxes(
         return []
     boxed = [letterbox(image, detector.imgsz) for image in images]
     raw = detector.run(np.stack([b[0] for b in boxed]))
-    out = []
-    for pred, (_, geometry) in zip(raw, boxed, strict=True):
-        det = non_max_suppression(pred, conf, iou, classes, max_det)
-        out.append(Detections(scale_boxes(det.boxes, geometry), det.scores, det.classes))
-    return out
+    return [
+        postprocess(pred, geometry, conf, iou, classes, max_det)
+        for pred, (_, geometry) in zip(raw, boxed, strict=True)
+    ]
+
+
+def postprocess(
+    prediction: np.ndarray,
+    geometry: Letterbox,
+    conf: float,
+    iou: float,
+    classes: Sequence[int] | None,
+    max_det: int,
+) -> Detections:
+    """NMS on one raw output, then boxes back to the original image (see `non_max_suppression`).
+
+    Args:
+        prediction: (4 + nc, N) raw head output of one letterboxed image.
+        geometry: its letterbox.
+
+    Returns:
+        Detections in original pixel coordinates.
+    """
+    det = non_max_suppression(prediction, conf, iou, classes, max_det)
+    return Detections(scale_boxes(det.boxes, geometry), det.scores, det.classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,6 +746,8 @@ def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -831,9 +853,9 @@ def compute_box_file(
     boxes = data["boxes"]
 
     def load(path: Path) -> _Loaded:
-        raw = path.read_bytes() if path.is_file() else None
-        if raw is None:
+        if not path.is_file():
             raise BoxError(path, "no such file")
+        raw = path.read_bytes()
         sha = sha256_bytes(raw)
         if boxes.get(path.stem, {}).get("image_sha256") == sha:
             return _Loaded(path, sha, None, None, None)
@@ -844,8 +866,7 @@ def compute_box_file(
     def flush(batch: list[_Loaded]) -> None:
         raw = detector.run(np.stack([item.boxed for item in batch]))
         for pred, item in zip(raw, batch, strict=True):
-            det = non_max_suppression(pred, conf, iou, class_ids, max_det)
-            det = Detections(scale_boxes(det.boxes, item.geometry), det.scores, det.classes)
+            det = postprocess(pred, item.geometry, conf, iou, class_ids, max_det)
             boxes[item.path.stem] = _entry(det, item.image_shape, item.sha, policy, fallback)
 
     last_save = time.monotonic()
