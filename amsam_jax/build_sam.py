@@ -5,11 +5,13 @@ import json
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from amsam_jax.modeling.common import ConvTranspose2x2, LayerNorm2d
 from amsam_jax.modeling.image_encoder import ImageEncoderViT
 from amsam_jax.modeling.mask_decoder import MaskDecoder
-from amsam_jax.modeling.prompt_encoder import PromptEncoder
+from amsam_jax.modeling.prompt_encoder import Embedding, PositionEmbeddingRandom, PromptEncoder
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.modeling.transformer import TwoWayTransformer
 
@@ -112,17 +114,7 @@ class SamConfig:
         return cls(**d)
 
 
-def build_sam(cfg: SamConfig, rngs: nnx.Rngs | None = None) -> Sam:
-    """Builds a randomly initialised SAM for `cfg`.
-
-    Args:
-        cfg: architecture.
-        rngs: initialisation RNGs (default `nnx.Rngs(0)`).
-
-    Returns:
-        the model.
-    """
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
+def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
     grid = cfg.grid_size
     image_encoder = ImageEncoderViT(
         img_size=cfg.image_size,
@@ -162,9 +154,82 @@ def build_sam(cfg: SamConfig, rngs: nnx.Rngs | None = None) -> Sam:
     return Sam(image_encoder, prompt_encoder, mask_decoder, cfg.pixel_mean, cfg.pixel_std)
 
 
+def _pytorch_default_init(model: Sam, rng: np.random.Generator) -> dict[tuple, np.ndarray]:
+    """Values with the distributions of an untrained official SAM, by module type.
+
+    Linear/Conv: weight and bias U(±1/sqrt(fan_in)); ConvTranspose: fan_in = O·k·k (torch's
+    convention); LayerNorm: 1 and 0; Embedding and the Fourier matrix: N(0, 1); pos_embed and
+    rel-pos tables: zeros (SAM's own init).
+    """
+    values: dict[tuple, np.ndarray] = {}
+
+    def uniform(shape, fan_in):
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Linear | nnx.Conv):
+            shape = node.kernel.shape
+            fan_in = int(np.prod(shape[:-1]))
+            values[(*path, "kernel")] = uniform(shape, fan_in)
+            if node.bias is not None:
+                values[(*path, "bias")] = uniform(node.bias.shape, fan_in)
+        elif isinstance(node, ConvTranspose2x2):
+            _, out_ch, kh, kw = node.weight.shape
+            values[(*path, "weight")] = uniform(node.weight.shape, out_ch * kh * kw)
+            values[(*path, "bias")] = uniform(node.bias.shape, out_ch * kh * kw)
+        elif isinstance(node, nnx.LayerNorm):
+            values[(*path, "scale")] = np.ones(node.scale.shape, np.float32)
+            values[(*path, "bias")] = np.zeros(node.bias.shape, np.float32)
+        elif isinstance(node, LayerNorm2d):
+            values[(*path, "weight")] = np.ones(node.weight.shape, np.float32)
+            values[(*path, "bias")] = np.zeros(node.bias.shape, np.float32)
+        elif isinstance(node, Embedding):
+            values[(*path, "weight")] = rng.standard_normal(node.weight.shape).astype(np.float32)
+        elif isinstance(node, PositionEmbeddingRandom):
+            matrix = node.positional_encoding_gaussian_matrix
+            values[(*path, "positional_encoding_gaussian_matrix")] = rng.standard_normal(
+                matrix.shape
+            ).astype(np.float32)
+    return values
+
+
+def abstract_sam(cfg: SamConfig) -> Sam:
+    """The model for `cfg` with shapes only (nothing allocated, nothing compiled)."""
+    return nnx.eval_shape(lambda: _construct(cfg, nnx.Rngs(0)))
+
+
+def build_sam(cfg: SamConfig, seed: int = 0) -> Sam:
+    """Builds a SAM for `cfg` with PyTorch-default random initialisation.
+
+    Parameters are drawn on the host with NumPy: building through jax.random would compile one
+    small XLA program per parameter shape (0.2–1.5 s each on a 2-core CPU).
+
+    Args:
+        cfg: architecture.
+        seed: initialisation seed.
+
+    Returns:
+        the model.
+    """
+    abstract_model = abstract_sam(cfg)
+    values = _pytorch_default_init(abstract_model, np.random.default_rng(seed))
+    graphdef, state = nnx.split(abstract_model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if path in values:
+            value = values[path]
+        elif path in (("pixel_mean",), ("pixel_std",)):
+            value = np.asarray(getattr(cfg, path[0]), np.float32)
+        else:  # pos_embed and rel-pos tables: zeros, as SAM initialises them
+            value = np.zeros(var.shape, var.dtype)
+        flat.append((path, var.replace(jnp.asarray(value))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 sam_model_registry = {
-    "default": lambda rngs=None: build_sam(SamConfig.vit_h(), rngs),
-    "vit_h": lambda rngs=None: build_sam(SamConfig.vit_h(), rngs),
-    "vit_l": lambda rngs=None: build_sam(SamConfig.vit_l(), rngs),
-    "vit_b": lambda rngs=None: build_sam(SamConfig.vit_b(), rngs),
+    "default": lambda seed=0: build_sam(SamConfig.vit_h(), seed),
+    "vit_h": lambda seed=0: build_sam(SamConfig.vit_h(), seed),
+    "vit_l": lambda seed=0: build_sam(SamConfig.vit_l(), seed),
+    "vit_b": lambda seed=0: build_sam(SamConfig.vit_b(), seed),
 }

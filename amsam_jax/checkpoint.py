@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.build_sam import SamConfig, abstract_sam
 from amsam_jax.modeling.sam import Sam
 
 FORMAT = "amsam_jax.sam/1"
@@ -24,7 +24,7 @@ class CheckpointError(Exception):
 
 def abstract_state(cfg: SamConfig) -> nnx.State:
     """The NNX state of `build_sam(cfg)` as shapes only (nothing is allocated)."""
-    return nnx.state(nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0))))
+    return nnx.state(abstract_sam(cfg))
 
 
 def save_params(path: str | os.PathLike, nested: dict) -> None:
@@ -65,7 +65,7 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
     cfg, _ = read_sam_config(sam_dir)
     if encoder_dtype is not None:
         cfg = dataclasses.replace(cfg, encoder_dtype=encoder_dtype)
-    abstract_model = nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0)))
+    abstract_model = abstract_sam(cfg)
     graphdef, state = nnx.split(abstract_model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
     params_path = (Path(sam_dir) / PARAMS_DIR).absolute()
@@ -83,3 +83,21 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
         raise CheckpointError(f"{params_path}: non-finite values in {', '.join(bad[:5])}")
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def save_sam(model: Sam, cfg: SamConfig, sam_dir: str | os.PathLike, source: dict) -> None:
+    """Writes `model` as a converted-SAM directory that `load_sam` reads.
+
+    Args:
+        model: the model (its full NNX state is saved).
+        cfg: its config.
+        sam_dir: output directory; must not exist.
+        source: provenance recorded in config.json (e.g. {"file": ..., "sha256": ...}).
+    """
+    sam_dir = Path(sam_dir).absolute()
+    if sam_dir.exists():
+        raise CheckpointError(f"{sam_dir}: already exists")
+    nested = jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+    save_params(sam_dir / PARAMS_DIR, nested)
+    meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "source": source}
+    (sam_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")

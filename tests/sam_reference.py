@@ -17,8 +17,7 @@ from segment_anything.modeling import (
 )
 from segment_anything.modeling.common import LayerNorm2d
 
-from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.checkpoint import abstract_state
+from amsam_jax.build_sam import SamConfig, abstract_sam
 from weights_conversion.convert_sam import convert_state_dict
 
 
@@ -103,9 +102,7 @@ def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def to_jax(sd: dict[str, np.ndarray], cfg: SamConfig, **kw):
     """Converts a numpy state dict into an amsam_jax Sam through the real converter."""
     nested, _ = convert_state_dict(sd, cfg, **kw)
-    model = build_sam(cfg, nnx.Rngs(0))
-    state = abstract_state(cfg)
-    graphdef, _ = nnx.split(model)
+    graphdef, state = nnx.split(abstract_sam(cfg))
     nnx.replace_by_pure_dict(state, nested)
     return nnx.merge(graphdef, state)
 

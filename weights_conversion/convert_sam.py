@@ -27,7 +27,7 @@ import numpy as np
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
 from amsam_jax.checkpoint import CONFIG_FILE, FORMAT, PARAMS_DIR, abstract_state, save_params
 from amsam_jax.modeling.common import resize_bilinear, resize_linear
-from weights_conversion.mapping import HEAD_PREFIXES, target_of
+from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
@@ -184,80 +184,137 @@ def torch_default_init(
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
-def convert_state_dict(
-    sd: dict[str, np.ndarray],
-    cfg: SamConfig,
-    reinit_heads: bool | None = None,
-    seed: int = 0,
-) -> tuple[dict, dict]:
-    """Maps a torch SAM state dict onto the NNX state of `build_sam(cfg)`.
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """How one model parameter is produced from one checkpoint entry."""
+
+    key: str
+    transform: Transform
+    resize: str | None  # "pos_embed", "rel_pos" (spec §2.3) or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Shape-level conversion plan: checks everything before any array is touched."""
+
+    steps: dict[str, Step]  # NNX path -> source
+    reinitialized: tuple[str, ...]  # NNX paths given a fresh PyTorch-default init
+    from_config: tuple[str, ...]  # NNX paths set from the config (non-persistent buffers)
+    targets: dict[str, tuple[int, ...]]  # every NNX path -> shape
+
+
+def _transformed_shape(shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:
+    if transform is Transform.LINEAR:
+        return tuple(reversed(shape))
+    if transform is Transform.CONV:
+        return (shape[2], shape[3], shape[1], shape[0])
+    return tuple(shape)
+
+
+def plan_conversion(
+    shapes: dict[str, tuple[int, ...]], cfg: SamConfig, reinit_heads: bool | None = None
+) -> Plan:
+    """Maps checkpoint keys (by shape only) onto the NNX state of `build_sam(cfg)`.
 
     Strict: every source key must map, every target must be filled and every shape must fit
     (after the spec §2.3 resizes of `pos_embed` and global rel-pos tables). All problems are
     collected and raised together.
 
     Args:
-        sd: torch state dict as float32 numpy.
+        shapes: torch key -> shape.
         cfg: target architecture.
         reinit_heads: drop the checkpoint's mask tokens, hypernetwork MLPs and IoU head and give
             them a PyTorch-default init (the BLO-SAM reference does this at 256 px). Default: only
             when the number of mask tokens differs from the checkpoint's.
-        seed: seed of that re-initialisation.
 
-    Returns:
-        (nested pure dict for `nnx.replace_by_pure_dict`, report of resized/re-initialised keys).
+    Raises:
+        ConversionError: listing every unmapped key, unfilled target and shape mismatch.
     """
-    targets = {".".join(map(str, path)): v for path, v in abstract_state(cfg).flat_state()}
+    targets = {
+        ".".join(map(str, path)): tuple(v.shape) for path, v in abstract_state(cfg).flat_state()
+    }
     if reinit_heads is None:
-        reinit_heads = (
-            sd["mask_decoder.mask_tokens.weight"].shape[0] != cfg.num_multimask_outputs + 1
-        )
+        tokens = shapes.get("mask_decoder.mask_tokens.weight", (cfg.num_multimask_outputs + 1,))
+        reinit_heads = tokens[0] != cfg.num_multimask_outputs + 1
     grid = cfg.grid_size
-    filled: dict[str, np.ndarray] = {}
+    steps: dict[str, Step] = {}
     errors: list[str] = []
-    resized: list[str] = []
-    for key, value in sd.items():
+    for key, shape in shapes.items():
         rule = target_of(key)
         if rule is None:
-            errors.append(f"unmapped source key {key} {tuple(value.shape)}")
+            errors.append(f"unmapped source key {key} {tuple(shape)}")
             continue
         path, transform = rule
         if reinit_heads and key.startswith(HEAD_PREFIXES):
             continue
-        x = transform.apply(value)
-        if path == "image_encoder.pos_embed" and x.shape[1] != grid:
-            x = resize_pos_embed(x, grid)
-            resized.append(key)
+        out = _transformed_shape(tuple(shape), transform)
+        resize = None
+        if path == "image_encoder.pos_embed" and len(out) == 4 and out[1:3] != (grid, grid):
+            resize, out = "pos_embed", (out[0], grid, grid, out[3])
         m = re.fullmatch(r"image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]", path)
-        if m and int(m.group(1)) in cfg.encoder_global_attn_indexes and x.shape[0] != 2 * grid - 1:
-            x = resize_rel_pos(x, 2 * grid - 1)
-            resized.append(key)
+        if m and int(m.group(1)) in cfg.encoder_global_attn_indexes and out[0] != 2 * grid - 1:
+            resize, out = "rel_pos", (2 * grid - 1, *out[1:])
         if path not in targets:
             errors.append(f"{key} maps to {path}, which the model does not have")
-            continue
-        want = tuple(targets[path].shape)
-        if tuple(x.shape) != want:
-            errors.append(f"shape mismatch for {key}: checkpoint {tuple(x.shape)}, model {want}")
-            continue
-        filled[path] = x.astype(np.float32)
-
-    rng = np.random.default_rng(seed)
-    reinitialised = []
-    for path, var in targets.items():
-        if path in filled:
-            continue
-        if path in ("pixel_mean", "pixel_std"):  # non-persistent torch buffers: from the config
-            filled[path] = np.asarray(getattr(cfg, path), np.float32)
-        elif reinit_heads and any(path.startswith(p) for p in HEAD_PREFIXES):
-            layer = path.rsplit(".", 1)[0]
-            fan_in = None if path.endswith(".weight") else targets[layer + ".kernel"].shape[0]
-            filled[path] = torch_default_init(tuple(var.shape), fan_in, rng)
-            reinitialised.append(path)
+        elif out != targets[path]:
+            errors.append(
+                f"shape mismatch for {key}: checkpoint {tuple(shape)}, model {targets[path]}"
+            )
         else:
-            errors.append(f"model parameter {path} {tuple(var.shape)} has no source key")
+            steps[path] = Step(key, transform, resize)
+    reinitialized, from_config = [], []
+    for path, shape in targets.items():
+        if path in steps:
+            continue
+        if path in ("pixel_mean", "pixel_std"):  # non-persistent torch buffers
+            from_config.append(path)
+        elif reinit_heads and path.startswith(HEAD_PREFIXES):
+            reinitialized.append(path)
+        else:
+            errors.append(f"model parameter {path} {shape} has no source key")
     if errors:
         raise ConversionError(f"{len(errors)} problem(s): " + "; ".join(errors))
+    return Plan(steps, tuple(reinitialized), tuple(from_config), targets)
 
+
+def convert_state_dict(
+    sd: dict[str, np.ndarray],
+    cfg: SamConfig,
+    reinit_heads: bool | None = None,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """Converts a torch SAM state dict (float32 numpy) for `build_sam(cfg)`; see `plan_conversion`.
+
+    Args:
+        sd: torch state dict as float32 numpy.
+        cfg: target architecture.
+        reinit_heads: see `plan_conversion`.
+        seed: seed of the head re-initialisation.
+
+    Returns:
+        (nested pure dict for `nnx.replace_by_pure_dict`, report of resized/re-initialised keys).
+    """
+    plan = plan_conversion({k: v.shape for k, v in sd.items()}, cfg, reinit_heads)
+    filled: dict[str, np.ndarray] = {}
+    for path, step in plan.steps.items():
+        x = step.transform.apply(sd[step.key])
+        if step.resize == "pos_embed":
+            x = resize_pos_embed(x, cfg.grid_size)
+        elif step.resize == "rel_pos":
+            x = resize_rel_pos(x, 2 * cfg.grid_size - 1)
+        filled[path] = x.astype(np.float32)
+    for path in plan.from_config:
+        filled[path] = np.asarray(getattr(cfg, path), np.float32)
+    rng = np.random.default_rng(seed)
+    for path in plan.reinitialized:
+        layer = path.rsplit(".", 1)[0]
+        fan_in = None if path.endswith(".weight") else plan.targets[layer + ".kernel"][0]
+        filled[path] = torch_default_init(plan.targets[path], fan_in, rng)
+    report = {
+        "resized": sorted(s.key for s in plan.steps.values() if s.resize),
+        "reinitialized": list(plan.reinitialized),
+        "reinit_seed": seed,
+    }
     nested: dict = {}
     for path, x in filled.items():
         node = nested
@@ -265,7 +322,6 @@ def convert_state_dict(
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = x
-    report = {"resized": resized, "reinitialized": reinitialised, "reinit_seed": seed}
     return nested, report
 
 
