@@ -93,4 +93,3 @@ def target_of(torch_key: str) -> tuple[str, Transform] | None:
         if m:
             return m.expand(template), transform
     return None
-
