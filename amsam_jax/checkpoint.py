@@ -14,6 +14,25 @@ from amsam_jax.build_sam import SamConfig, abstract_sam
 from amsam_jax.modeling.sam import Sam
 
 FORMAT = "amsam_jax.sam/1"
+
+# The official segment-anything v1.0 checkpoints (Apache-2.0): URL, SHA-256, size in bytes.
+OFFICIAL_CHECKPOINTS = {
+    "vit_b": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375_042_383,
+    ),
+    "vit_l": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        None,
+    ),
+    "vit_h": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        None,
+    ),
+}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 

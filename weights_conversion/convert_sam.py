@@ -25,7 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
-from amsam_jax.checkpoint import CONFIG_FILE, FORMAT, PARAMS_DIR, abstract_state, save_params
+from amsam_jax.checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    OFFICIAL_CHECKPOINTS,
+    PARAMS_DIR,
+    abstract_state,
+    save_params,
+)
 from amsam_jax.modeling.common import resize_bilinear, resize_linear
 from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
 
@@ -348,7 +355,9 @@ def convert_checkpoint(
         nested, report = convert_state_dict(sd, cfg, reinit_heads)
     except ConversionError as e:
         raise ConversionError(f"{ckpt}: {e}") from None
-    source.update(file=Path(ckpt).name, sha256=sha256_file(ckpt))
+    digest = sha256_file(ckpt)
+    official = [name for name, (_, sha, _) in OFFICIAL_CHECKPOINTS.items() if sha == digest]
+    source.update(file=Path(ckpt).name, sha256=digest, official=official[0] if official else None)
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "source": source, **report}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
