@@ -38,6 +38,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from amsam_jax.data import DataError, list_image_files
+
 MAX_DET = 300  # Ultralytics `max_det`: kept boxes per image
 MAX_NMS = 30000  # Ultralytics `max_nms`: candidates entering NMS, highest scores first
 MAX_WH = 7680  # Ultralytics `max_wh`: per-class coordinate offset for class-aware NMS
@@ -48,7 +50,6 @@ POLICIES = ("top1", "union", "all")
 FALLBACKS = ("full_image", "none")
 SPLITS = ("train", "test")
 HEAD_STRIDES = ((8, 16, 32), (4, 8, 16, 32), (8, 16, 32, 64))  # YOLOv8, -p2, -p6
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Settings that must match for a box file entry to be reused.
 SETTING_KEYS = ("sha256", "imgsz", "conf", "iou", "classes", "policy", "fallback", "max_det")
 # OpenCV's fixed-point resize: weights are integers scaled by 2**11 (INTER_RESIZE_COEF_BITS).
@@ -162,16 +163,12 @@ def list_images(data_dir: str | os.PathLike, split: str = "all") -> list[Path]:
             raise BoxError(data_dir, "no train/images or test/images folder")
     paths, seen = [], {}
     for folder in folders:
-        if not folder.is_dir():
-            raise BoxError(folder, "no such folder")
-        found = sorted(
-            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-            key=lambda p: p.name,
-        )
-        if not found:
-            raise BoxError(folder, f"no images ({', '.join(IMAGE_SUFFIXES)})")
+        try:
+            found = list_image_files(folder)
+        except DataError as e:
+            raise BoxError(e.path, e.problem) from None
         for p in found:
-            if p.stem in seen:
+            if p.stem in seen:  # across splits: box file keys are stems
                 raise BoxError(p, f"duplicate image stem {p.stem!r} (also {seen[p.stem]})")
             seen[p.stem] = p
         paths += found
