@@ -34,7 +34,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     Features: "image" (the original file's bytes, never re-encoded), "filename" (its name),
     "mask" (8-bit PNG, 0 background / 255 foreground, binarised as value > 0 of the first
     channel, EXIF orientation applied like the image's), "stem". Examples keep the sorted order
-    of the file names (shuffling is disabled), so `source[:N]` is the paper's "first N".
+    of the file names (shuffling is disabled), so records 0..N-1 are the paper's "first N".
     Every image is decoded once while building: a corrupt file, a missing mask or a mask of
     another size stops the build with a one-line `DataError`.
     """
