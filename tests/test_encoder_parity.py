@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.build_sam import SamConfig, abstract_sam
+from amsam_jax.modeling import image_encoder
 from amsam_jax.modeling.image_encoder import (
     Attention,
     Block,
@@ -34,8 +35,8 @@ def randomize(module: nnx.Module, seed: int, std: float = 0.3) -> nnx.Module:
 
 
 def abstract_encoder(cfg: SamConfig) -> nnx.Module:
-    """The encoder of `build_sam(cfg)` with shapes only (filled by `randomize` or `nnx.update`)."""
-    return nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0)).image_encoder)
+    """The image encoder for `cfg` with shapes only (filled by `randomize` or `nnx.update`)."""
+    return abstract_sam(cfg).image_encoder
 
 
 def encode(encoder: nnx.Module, x: np.ndarray) -> np.ndarray:
@@ -128,6 +129,17 @@ def test_decomposed_rel_pos_attention_equals_explicit_index_formula(hw):
     assert np.abs(np.asarray(attn(jnp.asarray(x)))[0] - want).max() > 1e-2
 
 
+def test_query_chunked_global_attention_equals_one_shot(monkeypatch):
+    h = w = 20  # 400 queries: large enough to be processed in chunks of grid rows
+    assert image_encoder.rows_per_chunk(h, w) < h
+    attn = randomize(Attention(16, 2, (h, w), rngs=nnx.Rngs(0)), seed=8)
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((1, h, w, 16)), jnp.float32)
+    chunked = np.asarray(attn(x))
+    monkeypatch.setattr(image_encoder, "QUERY_CHUNK", h * w)
+    assert image_encoder.rows_per_chunk(h, w) == h
+    np.testing.assert_allclose(chunked, np.asarray(attn(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_padded_window_tokens_take_part_in_attention_unmasked():
     # 10x10 grid, window 7: padded to 14x14, so three of the four windows contain padding.
     h, w, window, dim = 10, 10, 7, 16
@@ -167,28 +179,11 @@ def test_bfloat16_encoder_runs_and_stays_close_to_float32():
 # ---------------------------------------------------------------- slow tier: official PyTorch
 
 
-def official_pair(cfg: SamConfig, seed: int = 0):
-    """`sam_reference.official_pair` with the JAX model merged into an `nnx.eval_shape` skeleton.
-
-    Same official model, same random weights, same converter; `sam_reference.to_jax` builds the
-    JAX SAM eagerly first, which alone takes 10-40 s per config on 2 cores.
-    """
-    import torch
-    from sam_reference import build_official, randomize_, state_dict_numpy
-
-    from weights_conversion.convert_sam import convert_state_dict
-
-    torch.manual_seed(seed)
-    ref = randomize_(build_official(cfg), seed)
-    nested, _ = convert_state_dict(state_dict_numpy(ref), cfg)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, nested)
-    return ref, nnx.merge(graphdef, state)
-
-
 @pytest.fixture(scope="module")
 def official():
     """Memoised `official_pair(cfg)`: each (torch, jax) pair is built once per module."""
+    from sam_reference import official_pair
+
     return functools.cache(official_pair)
 
 

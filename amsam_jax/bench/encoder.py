@@ -84,15 +84,13 @@ def run_jax(args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from amsam_jax.build_sam import SamConfig, build_sam
+    from amsam_jax.build_sam import SamConfig, abstract_sam
 
     cfg = SamConfig.preset(args.model_type, image_size=args.image_size, encoder_dtype=args.dtype)
     start = time.perf_counter()
-    # Shapes only, then one host-random array per parameter: building with the real initialisers
-    # would take seconds of eager ops (or a jitted init whose peak RSS exceeds the forward's).
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: build_sam(cfg, nnx.Rngs(0)).image_encoder)
-    )
+    # Shapes only, then one host-random array per parameter, moved to the device one at a time:
+    # the build never holds more than the weights plus one parameter.
+    graphdef, abstract = nnx.split(abstract_sam(cfg).image_encoder)
     rng = np.random.default_rng(args.seed)
     state = jax.tree.map(
         lambda a: jax.device_put((0.02 * rng.standard_normal(a.shape, np.float32)).astype(a.dtype)),
