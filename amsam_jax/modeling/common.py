@@ -17,7 +17,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def layer_norm(
-    num_features: int, epsilon: float, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+    num_features: int, epsilon: float, *, dtype: jnp.dtype | None = None, rngs: nnx.Rngs
 ) -> nnx.LayerNorm:
     """torch.nn.LayerNorm numerics: explicit eps and the two-pass variance.
 
@@ -37,7 +37,7 @@ class MLPBlock(nnx.Module):
         mlp_dim: int,
         act=gelu,
         *,
-        dtype: jnp.dtype = jnp.float32,
+        dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
         self.lin1 = nnx.Linear(embedding_dim, mlp_dim, dtype=dtype, rngs=rngs)
