@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from amsam_jax.build_sam import SamConfig, abstract_sam
+from amsam_jax.modeling.common import resize_bilinear, resize_linear
 from amsam_jax.modeling.sam import Sam
 
 FORMAT = "amsam_jax.sam/1"
@@ -44,6 +46,66 @@ class CheckpointError(Exception):
 def abstract_state(cfg: SamConfig) -> nnx.State:
     """The NNX state of `build_sam(cfg)` as shapes only (nothing is allocated)."""
     return nnx.state(abstract_sam(cfg))
+
+
+def resize_pos_embed(x: np.ndarray, grid: int) -> np.ndarray:
+    """(1, g, g, C) -> (1, grid, grid, C): bilinear, half-pixel, no antialias (spec §2.3)."""
+    return np.asarray(resize_bilinear(jnp.asarray(x), (grid, grid), axes=(1, 2)))
+
+
+def resize_rel_pos(x: np.ndarray, length: int) -> np.ndarray:
+    """(L, hd) -> (length, hd): linear along the length axis only (spec §2.3)."""
+    return np.asarray(resize_linear(jnp.asarray(x), length, axis=0))
+
+
+def torch_default_init(
+    shape: tuple[int, ...], fan_in: int | None, rng: np.random.Generator
+) -> np.ndarray:
+    """PyTorch-default init of a new head: Embedding N(0, 1) (fan_in None), Linear U(±1/√fan_in)."""
+    if fan_in is None:
+        return rng.standard_normal(shape).astype(np.float32)
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def adapt_sam(model: Sam, cfg: SamConfig, reinit_heads: bool = False, seed: int = 0) -> Sam:
+    """A copy of a converted SAM for another input size / number of mask tokens (spec §2.3).
+
+    `pos_embed` is resized bilinearly and the global blocks' rel-pos tables linearly (half-pixel,
+    no antialias); with `reinit_heads` (or a different number of mask tokens) the mask tokens,
+    hypernetwork MLPs and IoU head get a fresh PyTorch-default init. Everything else must match.
+
+    Raises:
+        CheckpointError: a parameter whose shape cannot be adapted.
+    """
+    source = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    graphdef, target = nnx.split(abstract_sam(cfg))
+    heads = ("mask_tokens", "output_hypernetworks_mlps", "iou_prediction_head")
+    flat_target = list(nnx.to_flat_state(target))
+    shapes = {p: tuple(v.shape) for p, v in flat_target}
+    rng = np.random.default_rng(seed)
+    values, errors = {}, []
+    for path, var in flat_target:
+        shape = tuple(var.shape)
+        x = source.get(path)
+        is_head = path[0] == "mask_decoder" and path[1] in heads
+        if x is not None and x.shape == shape and not (reinit_heads and is_head):
+            values[path] = x
+        elif is_head:
+            fan_in = None if path[-1] == "weight" else shapes[(*path[:-1], "kernel")][0]
+            values[path] = torch_default_init(shape, fan_in, rng)
+        elif x is not None and path == ("image_encoder", "pos_embed"):
+            values[path] = resize_pos_embed(x, cfg.grid_size)
+        elif x is not None and path[-1] in ("rel_pos_h", "rel_pos_w") and x.shape[1:] == shape[1:]:
+            values[path] = resize_rel_pos(x, shape[0])
+        else:
+            errors.append(
+                f"{'.'.join(map(str, path))}: {None if x is None else x.shape} -> {shape}"
+            )
+    if errors:
+        raise CheckpointError("cannot adapt SAM: " + "; ".join(errors))
+    flat = [(p, v.replace(jnp.asarray(values[p]))) for p, v in flat_target]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def save_params(path: str | os.PathLike, nested: dict) -> None:

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from amsam_jax import SamConfig, SamPredictor, build_sam
+from amsam_jax.checkpoint import resize_pos_embed, resize_rel_pos
 from amsam_jax.modeling.common import (
     ConvTranspose2x2,
     LayerNorm2d,
@@ -19,7 +20,6 @@ from amsam_jax.modeling.common import (
 )
 from amsam_jax.predictor import _decode, _encode
 from amsam_jax.transforms import ResizeLongestSide
-from weights_conversion.convert_sam import resize_pos_embed, resize_rel_pos
 
 
 @pytest.fixture(scope="module")

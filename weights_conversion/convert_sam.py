@@ -21,7 +21,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
@@ -31,9 +30,11 @@ from amsam_jax.checkpoint import (
     OFFICIAL_CHECKPOINTS,
     PARAMS_DIR,
     abstract_state,
+    resize_pos_embed,
+    resize_rel_pos,
     save_params,
+    torch_default_init,
 )
-from amsam_jax.modeling.common import resize_bilinear, resize_linear
 from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -169,26 +170,6 @@ def infer_config(
         "depth": depth,
     }
     return cfg, source
-
-
-def resize_pos_embed(x: np.ndarray, grid: int) -> np.ndarray:
-    """(1, g, g, C) -> (1, grid, grid, C): bilinear, half-pixel, no antialias (spec §2.3)."""
-    return np.asarray(resize_bilinear(jnp.asarray(x), (grid, grid), axes=(1, 2)))
-
-
-def resize_rel_pos(x: np.ndarray, length: int) -> np.ndarray:
-    """(L, hd) -> (length, hd): linear along the length axis only (spec §2.3)."""
-    return np.asarray(resize_linear(jnp.asarray(x), length, axis=0))
-
-
-def torch_default_init(
-    shape: tuple[int, ...], fan_in: int | None, rng: np.random.Generator
-) -> np.ndarray:
-    """PyTorch-default init of a new head: Embedding N(0, 1) (fan_in None), Linear U(±1/√fan_in)."""
-    if fan_in is None:
-        return rng.standard_normal(shape).astype(np.float32)
-    bound = 1.0 / np.sqrt(fan_in)
-    return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,22 +57,25 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def summarize(times: list[float]) -> dict:
+def time_calls(fn, repeats: int) -> dict:
+    """Wall seconds per call (median/min/max) and the process CPU seconds per call.
+
+    CPU seconds (all threads) are less sensitive than wall time to other processes competing for
+    the cores, which is common on a shared 2-core machine.
+    """
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
         "times_s": times,
+        "median_cpu_s": statistics.median(cpu_times),
     }
-
-
-def time_calls(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run_jax(args: argparse.Namespace) -> dict:
@@ -124,9 +127,8 @@ def run_jax(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     call()
     warmup_s = time.perf_counter() - start
-    times = time_calls(call, args.repeats)
     result = {
-        **summarize(times),
+        **time_calls(call, args.repeats),
         "warmup_s": warmup_s,
         "build_s": build_s,
         "lower_s": lower_s,
@@ -185,9 +187,8 @@ def run_torch(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     call()
     warmup_s = time.perf_counter() - start
-    times = time_calls(call, args.repeats)
     return {
-        **summarize(times),
+        **time_calls(call, args.repeats),
         "warmup_s": warmup_s,
         "build_s": build_s,
         "peak_rss_gib": peak_rss_gib(),
