@@ -62,7 +62,7 @@ class TrainSection:
     fd_step1_bias: bool = False
     fd_reference_b1: bool = False
     fd_final_attn_quirk: bool = False
-    checkpoint_every: int = 1  # iterations between `latest` saves (kill-and-resume granularity)
+    checkpoint_every: int = 0  # extra `latest` saves every N iterations (0: at epoch ends only)
     num_samples: int = 4  # overlays written to samples/
 
 

@@ -381,9 +381,7 @@ class Setup:
 def build_setup(cfg: TrainConfig, workdir: Path, quiet: bool = False) -> Setup:
     """Resolves weights, loads and caches data, builds the partitioned model and step."""
     say = (lambda m: None) if quiet else log
-    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
-    say(f"sam: {weights}")
-    prep = data_lib.Preprocessing(size=sam_cfg.image_size, sam_pixel_norm=cfg.data.sam_pixel_norm)
+    prep = data_lib.Preprocessing(size=cfg.sam.image_size, sam_pixel_norm=cfg.data.sam_pixel_norm)
     data_dir = Path(cfg.data.dir) if cfg.data.dir else data_lib.bundled_synthetic_dir()
     pool = data_lib.list_samples(data_dir, "train")
     shots = data_lib.select_few_shot(pool, cfg.data.shots, cfg.data.seed)
@@ -393,6 +391,8 @@ def build_setup(cfg: TrainConfig, workdir: Path, quiet: bool = False) -> Setup:
         d1_samples, d2_samples = shots, shots
     d1, d2 = load_split(d1_samples, prep), load_split(d2_samples, prep)
     say(f"data: {data_dir} | {len(shots)} shots -> D1 {len(d1.stems)}, D2 {len(d2.stems)}")
+    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
+    say(f"sam: {weights}")
 
     enc_graphdef, enc_state = nnx.split(sam.image_encoder)
     encoder = jax.jit(lambda state, x: nnx.merge(enc_graphdef, state)(x))
@@ -506,6 +506,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, writer: JsonlWriter | No
     if restored is None and writer.path.exists():
         writer.path.unlink()
 
+    summary_path = workdir / "summary.json"
+    if int(meta["step"]) >= setup.total_steps and summary_path.exists():
+        log(f"resume: the run in {workdir} is already complete ({meta['step']} steps)")
+        return json.loads(summary_path.read_text())
     n1, n2 = len(setup.d1.stems), len(setup.d2.stems)
     bs = cfg.train.batch_size
     n2_batches = math.ceil(n2 / bs)
@@ -584,7 +588,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, writer: JsonlWriter | No
             evaluate(setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data())["dice"]
         ),  # fmt: skip
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

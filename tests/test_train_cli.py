@@ -1,0 +1,161 @@
+"""The training CLI end to end: smoke run artefacts, kill-and-resume equality, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amsam_jax.configs import TrainConfig, apply_overrides
+from amsam_jax.data import make_synthetic_dataset
+from amsam_jax.train import load_config, main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "train" / "configs" / "am_sam.py") + ":smoke"
+
+
+def run_train(workdir: Path, *sets: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    args = ["--config", SMOKE, "--workdir", str(workdir)]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(
+        [sys.executable, "-m", "amsam_jax.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def trainable_of(workdir: Path, kind: str = "final") -> list[np.ndarray]:
+    from amsam_jax.trainer import load_run_state, trainable_leaves
+
+    _, state, _ = load_run_state(workdir, kind)
+    return trainable_leaves(state)
+
+
+def test_help_and_config_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--workdir" in capsys.readouterr().out
+    cfg = apply_overrides(
+        load_config(SMOKE),
+        ["data.shots=6", "train.hypergradient=first_order", "calibration.alpha=0.5", "seed=3"],
+    )
+    assert cfg.data.shots == 6 and cfg.train.hypergradient == "first_order"
+    assert cfg.calibration.alpha == 0.5 and cfg.seed == 3
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize(
+    "sets,needle",
+    [
+        (["train.nope=1"], "unknown key 'nope'"),
+        (["data.shots=many"], "data.shots=many"),
+        (["data"], "expected key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(sets, needle, tmp_path, capsys):
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path / "w")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_bad_data_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    data = make_synthetic_dataset(tmp_path / "data", n_train=4, n_test=2, seed=1)
+    victim = sorted((data / "train" / "masks").iterdir())[1]
+    victim.unlink()
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path / "w"), "--set", f"data.dir={data}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and victim.stem in err[0], err
+    empty = tmp_path / "empty"
+    (empty / "train" / "images").mkdir(parents=True)
+    (empty / "train" / "masks").mkdir(parents=True)
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path / "w2"), "--set", f"data.dir={empty}"]
+    assert main(argv) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("runs") / "full"
+    proc = run_train(workdir, "train.epochs=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_artefact_and_says_random_weights(uninterrupted):
+    w = uninterrupted
+    cfg = json.loads((w / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 6
+    records = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r for r in records if r["kind"] == "iteration"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(iterations) == 12 and len(epochs) == 6  # 4 shots -> D1 of 2, batch 1
+    for key in ("lower_loss", "upper_loss", "lower_lr", "upper_lr", "hypergradient_norm"):
+        assert all(np.isfinite(r[key]) for r in iterations), key
+    assert all("step_time_s" in r for r in iterations)
+    assert all("d2_dice" in r for r in epochs)
+    for kind in ("latest", "best", "final"):
+        assert any((w / "ckpt" / kind).iterdir()), kind
+    assert (w / "plots" / "curves.png").stat().st_size > 0
+    assert len(list((w / "samples").glob("*.png"))) >= 2
+    summary = json.loads((w / "summary.json").read_text())
+    assert "RANDOM" in summary["weights"] and "box prompts: off" in summary["boxes"]
+
+
+@pytest.mark.slow
+def test_rerun_on_finished_workdir_resumes_and_changes_nothing(uninterrupted):
+    before = trainable_of(uninterrupted)
+    proc = run_train(uninterrupted, "train.epochs=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: from step 12" in proc.stderr and "already complete" in proc.stderr
+    after = trainable_of(uninterrupted)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_bitwise(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "amsam_jax.train", "--config", SMOKE, "--workdir", str(workdir)]
+    proc = subprocess.Popen(
+        [*cmd, "--set", "train.epochs=6"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch, possibly mid-save
+    proc.wait()
+    resumed = run_train(workdir, "train.epochs=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: from step" in resumed.stderr
+    ours, reference = trainable_of(workdir), trainable_of(uninterrupted)
+    assert len(ours) == len(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, reference, strict=True))
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 12  # no duplicated lines after the resume
+
+
+@pytest.mark.slow
+def test_changed_config_on_existing_workdir_is_refused(uninterrupted, capsys):
+    argv = ["--config", SMOKE, "--workdir", str(uninterrupted), "--set", "train.epochs=7"]
+    assert main(argv) == 2
+    assert "different config" in capsys.readouterr().err
