@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast lint bench venv venv-test
+.PHONY: run demo test test-fast lint venv venv-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ venv: $(VENV)/.core-stamp
 venv-test: $(VENV)/.test-stamp
 
 run: venv
+	$(BIN)/python -m amsam_jax.train
+
+demo: venv
 	$(BIN)/python -m amsam_jax.predict --demo --output runs/demo/prediction.npz --overlay runs/demo/overlay.png
 
 test: venv-test
