@@ -11,7 +11,7 @@ import sys
 SUBCOMMANDS = {
     "encoder": ("amsam_jax.bench.encoder", "image-encoder forward: JAX vs official PyTorch"),
     "boxes": ("amsam_jax.bench.boxes", "box-prompt detector"),
-    "train": (None, "training step (not implemented yet)"),
+    "train": ("amsam_jax.bench.train", "bi-level step per hypergradient mode, whole few-shot run"),
     "sum": (None, "SUM (not implemented yet)"),
 }
 
