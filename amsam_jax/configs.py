@@ -62,7 +62,10 @@ class TrainSection:
     fd_step1_bias: bool = False
     fd_reference_b1: bool = False
     fd_final_attn_quirk: bool = False
-    checkpoint_every: int = 0  # extra `latest` saves every N iterations (0: at epoch ends only)
+    checkpoint_every: int = 0  # extra `latest` saves every N iterations (0: none mid-epoch)
+    # `latest` at an epoch end once this many seconds passed since the last save (0: every epoch).
+    # A killed run replays from it deterministically, so the result does not depend on it.
+    checkpoint_every_s: float = 30.0
     num_samples: int = 4  # overlays written to samples/
 
 

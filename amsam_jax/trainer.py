@@ -516,6 +516,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, writer: JsonlWriter | No
     step = int(meta["step"])
     best = float(meta["best_dice"])
     frozen = setup.frozen
+    last_save = time.perf_counter()
     while step < setup.total_steps:
         epoch = step // setup.iters_per_epoch
         bar = tqdm(
@@ -535,7 +536,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, writer: JsonlWriter | No
             state, metrics = setup.step_fn(
                 state, frozen, setup.d1.batch(idx1), setup.d2.batch(idx2)
             )
-            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - t0
             if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss")) or not (
                 math.isfinite(metrics["hypergradient_norm"])
@@ -570,7 +571,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, writer: JsonlWriter | No
             save_checkpoint(workdir, "best", state, {**meta, "d2_dice": dice})
         writer.write({"kind": "epoch", "step": step, "epoch": epoch + 1, "d2_dice": dice,
                       "d2_iou": result["iou"], "best_d2_dice": best})  # fmt: skip
-        save_checkpoint(workdir, "latest", state, meta)
+        if time.perf_counter() - last_save >= cfg.train.checkpoint_every_s or (
+            step >= setup.total_steps
+        ):
+            save_checkpoint(workdir, "latest", state, meta)
+            last_save = time.perf_counter()
 
     save_checkpoint(workdir, "final", state, {**meta, "step": step})
     if not (workdir / "ckpt" / "best").exists():  # no epoch beat 0: best is the final state

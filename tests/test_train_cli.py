@@ -21,7 +21,7 @@ SMOKE = str(ROOT / "train" / "configs" / "am_sam.py") + ":smoke"
 
 def run_train(workdir: Path, *sets: str, timeout: float = 900) -> subprocess.CompletedProcess:
     args = ["--config", SMOKE, "--workdir", str(workdir)]
-    for s in sets:
+    for s in ("train.checkpoint_every_s=0", *sets):  # save `latest` at every epoch end
         args += ["--set", s]
     return subprocess.run(
         [sys.executable, "-m", "amsam_jax.train", *args],
@@ -129,7 +129,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_bitwise(uninterrupted
     workdir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "amsam_jax.train", "--config", SMOKE, "--workdir", str(workdir)]
     proc = subprocess.Popen(
-        [*cmd, "--set", "train.epochs=6"],
+        [*cmd, "--set", "train.checkpoint_every_s=0", "--set", "train.epochs=6"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -157,5 +157,6 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_bitwise(uninterrupted
 @pytest.mark.slow
 def test_changed_config_on_existing_workdir_is_refused(uninterrupted, capsys):
     argv = ["--config", SMOKE, "--workdir", str(uninterrupted), "--set", "train.epochs=7"]
+    argv += ["--set", "train.checkpoint_every_s=0"]
     assert main(argv) == 2
     assert "different config" in capsys.readouterr().err
