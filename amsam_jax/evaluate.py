@@ -10,6 +10,7 @@ per-image rows (they are in the JSON file). Bad inputs print one `error: ...` li
 import argparse
 import json
 import sys
+import types
 
 from amsam_jax.run_evaluation import EvaluateError, evaluate_workdir
 
@@ -53,6 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     summary["images"] = len(result["per_image"])
     print(json.dumps(summary, indent=2))
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`amsam_jax.evaluate` is both this CLI module and the pure `evaluation.evaluate` function.
+
+    Importing the submodule rebinds the package attribute `amsam_jax.evaluate` to the module;
+    making the module callable keeps `amsam_jax.evaluate(...)` working either way.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from amsam_jax.evaluation import evaluate
+
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":
