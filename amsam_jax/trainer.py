@@ -306,7 +306,10 @@ def restore_checkpoint(workdir: Path, kind: str, template: dict) -> tuple[dict, 
         ),
     )
     mngr.close()
-    tree, meta = restored["state"], restored["meta"]
+    meta = restored["meta"]
+    # Orbax returns device-committed arrays; as step inputs they (and then the step's committed
+    # outputs) are two more jit cache entries, i.e. two extra compiles in every resumed run.
+    tree = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored["state"])
     lower = jax.tree.map(lambda x: x, template["lower"])
     prompt = jax.tree.map(lambda x: x, template["prompt"])
     nnx.replace_by_pure_dict(lower, tree["lower"])
