@@ -160,3 +160,14 @@ def test_changed_config_on_existing_workdir_is_refused(uninterrupted, capsys):
     argv += ["--set", "train.checkpoint_every_s=0"]
     assert main(argv) == 2
     assert "different config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "nan"
+    # A huge lower learning rate overflows the weights within the second epoch.
+    proc = run_train(workdir, "train.epochs=3", "train.lower_lr=1e36", "train.schedule=clean")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss at step") and "last good checkpoint" in last
+    assert not (workdir / "ckpt" / "final").exists()
