@@ -22,16 +22,6 @@ PARITY_SIZES = [(480, 640), (1000, 300), (50, 70), (333, 1500), (640, 640), (153
 LOW_CONF = 1e-4  # untrained YOLOv8n scores are ~1.6e-4: this keeps tens of boxes per image
 
 
-@pytest.fixture(autouse=True)
-def pil_open_without_ultralytics_patch(monkeypatch):
-    """Importing ultralytics replaces `PIL.Image.open` by a wrapper that, on a file PIL cannot
-    identify, tries to install pi-heif (ModuleNotFoundError offline). amsam_jax never imports
-    ultralytics; undo the patch so the tests see PIL as the box precompute does."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    if patches is not None:
-        monkeypatch.setattr(Image, "open", patches._image_open)
-
-
 @pytest.fixture(scope="session")
 def yolo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("yolo")
