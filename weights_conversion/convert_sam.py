@@ -10,7 +10,6 @@ temporary sibling and renamed into place, so a failed conversion leaves no parti
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amsam_jax.boxes import sha256_file
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
 from amsam_jax.checkpoint import (
     CONFIG_FILE,
@@ -43,14 +43,6 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 class ConversionError(Exception):
     """A checkpoint that cannot be converted; the message is one line naming the problem."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
