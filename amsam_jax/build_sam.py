@@ -46,6 +46,9 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # SUM task prompt (spec §4): rows of the zero-initialised table; row 0 frozen at zero.
+    num_tasks: int = 4
+    freeze_task0: bool = True
     # Compute dtype of the frozen image encoder ("float32" or "bfloat16"); params stay float32.
     encoder_dtype: str = "float32"
 
@@ -134,6 +137,8 @@ def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
         image_embedding_size=(grid, grid),
         input_image_size=(cfg.image_size, cfg.image_size),
         mask_in_chans=cfg.mask_in_chans,
+        num_tasks=cfg.num_tasks,
+        freeze_task0=cfg.freeze_task0,
         rngs=rngs,
     )
     transformer = TwoWayTransformer(
@@ -221,7 +226,7 @@ def build_sam(cfg: SamConfig, seed: int = 0) -> Sam:
             value = values[path]
         elif path in (("pixel_mean",), ("pixel_std",)):
             value = np.asarray(getattr(cfg, path[0]), np.float32)
-        else:  # pos_embed and rel-pos tables: zeros, as SAM initialises them
+        else:  # pos_embed, rel-pos and task tables: zeros, as SAM and SUM initialise them
             value = np.zeros(var.shape, var.dtype)
         flat.append((path, var.replace(jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

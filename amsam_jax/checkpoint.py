@@ -150,11 +150,7 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
     graphdef, state = nnx.split(abstract_model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
     params_path = (Path(sam_dir) / PARAMS_DIR).absolute()
-    try:
-        restored = ocp.StandardCheckpointer().restore(params_path, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{params_path}: cannot restore ({first})") from None
+    restored = _restore_params(params_path, target)
     bad = [
         ".".join(map(str, p))
         for p, x in jax.tree_util.tree_leaves_with_path(restored)
@@ -164,6 +160,29 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
         raise CheckpointError(f"{params_path}: non-finite values in {', '.join(bad[:5])}")
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def _restore_params(params_path: Path, target: dict) -> dict:
+    """Restores `target`; a directory written before the SUM task table existed gets zeros."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(params_path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        task = target.get("prompt_encoder", {}).get("task_prompt_embedding")
+        if task is not None:
+            without = dict(target, prompt_encoder=dict(target["prompt_encoder"]))
+            del without["prompt_encoder"]["task_prompt_embedding"]
+            try:
+                restored = checkpointer.restore(params_path, without)
+            except (ValueError, KeyError, FileNotFoundError):
+                pass
+            else:
+                restored["prompt_encoder"]["task_prompt_embedding"] = jax.tree.map(
+                    lambda x: np.zeros(x.shape, x.dtype), task
+                )
+                return restored
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{params_path}: cannot restore ({first})") from None
 
 
 def save_sam(model: Sam, cfg: SamConfig, sam_dir: str | os.PathLike, source: dict) -> None:

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import CheckpointError, load_sam
+from amsam_jax.modeling.prompt_encoder import TASKS
 from amsam_jax.predictor import SamPredictor
 from amsam_jax.transforms import ImageReadError, read_image_rgb
 
@@ -111,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output .npz")
     parser.add_argument("--overlay", help="output .png with masks, box and points drawn")
     parser.add_argument("--encoder-dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="SUM task prompt (default: none, plain SAM; a SUM model's default is unspecified)",
+    )
     return parser.parse_args(argv)
 
 
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         point_labels=np.asarray([int(p[2]) for p in points]) if points else None,
         box=np.asarray(box) if box is not None else None,
         multimask_output=args.multimask,
+        task=args.task,
     )
     seconds = time.perf_counter() - t0
 
@@ -159,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         "masks": list(masks.shape),
         "iou_predictions": [round(float(v), 4) for v in iou],
         "mask_pixels": [int(m.sum()) for m in masks],
+        "task": args.task or "none",
         "seconds": round(seconds, 2),
         "output": str(out),
     }

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from amsam_jax.modeling.prompt_encoder import task_id
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.transforms import ResizeLongestSide
 
@@ -39,10 +40,11 @@ def _decode(
     boxes: jax.Array | None,
     mask_input: jax.Array | None,
     multimask_output: bool,
+    task: jax.Array | None = None,
 ):
     model = nnx.merge(graphdef, state)
     points = (coords, labels) if coords is not None else None
-    sparse, dense = model.prompt_encoder(points, boxes, mask_input)
+    sparse, dense = model.prompt_encoder(points, boxes, mask_input, task)
     return model.mask_decoder(
         features, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
     )
@@ -91,6 +93,7 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        task: int | str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicts masks for prompts on the current image.
 
@@ -101,6 +104,9 @@ class SamPredictor:
             mask_input: (1, 4G, 4G) low-resolution logits from a previous prediction.
             multimask_output: three masks (True) or one.
             return_logits: return logits instead of thresholded masks.
+            task: SUM task prompt, a name (`unspecified|salient|entity|part`) or id 0-3. None
+                (the default) is plain SAM; with an untrained task table every task gives the
+                same output.
 
         Returns:
             masks (K, H, W) bool (float32 logits with `return_logits`), iou_predictions (K,) and
@@ -134,6 +140,7 @@ class SamPredictor:
                     f"mask_input must be (1, {g4[0]}, {g4[1]}), got {mask_input.shape}"
                 )
             mask = jnp.asarray(mask_input[..., None])  # (1, 4G, 4G, 1)
+        tid = task_id(task)
         low_res, iou = _decode(
             self._graphdef,
             self._state,
@@ -143,6 +150,7 @@ class SamPredictor:
             boxes,
             mask,
             multimask_output,
+            None if tid is None else jnp.asarray(tid, jnp.int32),
         )
         low_res = np.asarray(low_res)
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)

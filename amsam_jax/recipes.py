@@ -90,3 +90,69 @@ def boxes_only(arg: str | None = None) -> TrainConfig:
 def embedded_default() -> TrainConfig:
     """What `python -m amsam_jax.train` runs with no arguments."""
     return am_sam()
+
+
+# ----------------------------------------------------------------------------- SUM (sum.md)
+
+
+def sum_smoke(cfg):
+    """Shrinks a SUM recipe to a pipeline check: tiny random SAM at 256 px, a few iterations with
+    the full round structure (first round, corrective rounds, mid and last mask-only rounds)."""
+    from amsam_jax.sum_config import SumConfig
+
+    assert isinstance(cfg, SumConfig)
+    return dataclasses.replace(
+        cfg,
+        sam=dataclasses.replace(
+            cfg.sam, model_type="tiny", image_size=256, download=False, checkpoint=None
+        ),
+        data=dataclasses.replace(
+            cfg.data,
+            max_num_mask=4,
+            amg_points_per_side=4,
+            amg_pred_iou_thresh=0.0,
+            amg_stability_score_thresh=0.0,
+            eval_max_images=2,
+        ),
+        train=dataclasses.replace(
+            cfg.train,
+            steps=4,
+            human_images=2,
+            human_masks_per_image=2,
+            num_point_rounds=3,
+            eval_clicks=3,
+            checkpoint_every=1,
+        ),
+        refine=dataclasses.replace(cfg.refine, steps=2, images=2, masks_per_image=2, batch_masks=4),
+    )
+
+
+def _finish_sum(cfg, arg: str | None):
+    if arg in (None, ""):
+        return cfg
+    if arg == "smoke":
+        return sum_smoke(cfg)
+    raise ValueError(f"unknown config argument {arg!r} (only 'smoke')")
+
+
+def sum_recipe(arg: str | None = None):
+    """SUM (spec sum.md §7.2): interactive fine-tuning on human labels + pseudo-labels with U
+    from the mask-refinement module, task prompts on."""
+    from amsam_jax.sum_config import SumConfig
+
+    return _finish_sum(SumConfig(name="sum"), arg)
+
+
+def sum_vanilla(arg: str | None = None):
+    """Ablation "Vanilla": pseudo-labels used naively (U ≡ 0 in the loss and the sampler)."""
+    from amsam_jax.sum_config import SumConfig, SumData
+
+    return _finish_sum(SumConfig(name="sum_vanilla", data=SumData(uncertainty="zeros")), arg)
+
+
+def sum_no_task_prompt(arg: str | None = None):
+    """Ablation "SUM w/o task prompt": the task table stays zero and untrained."""
+    from amsam_jax.sum_config import SumConfig, SumTrain
+
+    cfg = SumConfig(name="sum_no_task_prompt", train=SumTrain(use_task_prompt=False))
+    return _finish_sum(cfg, arg)

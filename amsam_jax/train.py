@@ -17,7 +17,7 @@ class ConfigError(Exception):
     """A config file or override that cannot be used; one line."""
 
 
-def load_config(spec: str | None) -> TrainConfig:
+def load_config(spec: str | None):
     """Loads `get_config(arg)` from `path[:arg]`; None gives the embedded default recipe."""
     if spec is None:
         from amsam_jax.recipes import embedded_default
@@ -33,8 +33,12 @@ def load_config(spec: str | None) -> TrainConfig:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
     cfg = module.get_config(arg) if arg else module.get_config()
-    if not isinstance(cfg, TrainConfig):
-        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not TrainConfig")
+    from amsam_jax.sum_config import SumConfig
+
+    if not isinstance(cfg, TrainConfig | SumConfig):
+        raise ConfigError(
+            f"{path}: get_config() returned {type(cfg).__name__}, not TrainConfig or SumConfig"
+        )
     return cfg
 
 
@@ -52,7 +56,7 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m amsam_jax.train",
-        description="Few-shot SAM fine-tuning (AM-SAM / BLO-SAM / SAMed recipes).",
+        description="SAM fine-tuning: few-shot (AM-SAM / BLO-SAM / SAMed) and SUM recipes.",
     )
     parser.add_argument("--config", help="train/configs/<recipe>.py[:arg] (default: am_sam)")
     parser.add_argument("--workdir", help="run directory (default: runs/<config name>)")
@@ -72,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or f"runs/{cfg.name}")
+    from amsam_jax.sum_config import SumConfig
+
     try:
-        summary = train(cfg, workdir)
+        if isinstance(cfg, SumConfig):
+            from amsam_jax.sum_trainer import train_sum
+
+            summary = train_sum(cfg, workdir)
+        else:
+            summary = train(cfg, workdir)
     except (TrainError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

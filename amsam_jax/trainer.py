@@ -261,19 +261,15 @@ def _tree_to_leaves(tree) -> dict[str, np.ndarray]:
     return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
 
-def save_checkpoint(workdir: Path, kind: str, state: dict, meta: dict) -> None:
-    """Writes `ckpt/<kind>/<step>` synchronously; Orbax renames a finished save into place."""
+def save_tree(workdir: Path, kind: str, tree: dict, meta: dict) -> None:
+    """Writes `ckpt/<kind>/<step>` (a pure tree + JSON meta) synchronously; Orbax renames a
+    finished save into place, so a killed save never replaces the previous one."""
     mngr = ocp.CheckpointManager(
         (workdir / "ckpt" / kind).absolute(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, enable_async_checkpointing=False
         ),
     )
-    tree = {
-        "lower": state["lower"].to_pure_dict(),
-        "prompt": state["prompt"].to_pure_dict(),
-        "opt": _tree_to_leaves((state["lower_opt"], state["prompt_opt"])),
-    }
     mngr.save(
         int(meta["step"]),
         args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
@@ -283,8 +279,9 @@ def save_checkpoint(workdir: Path, kind: str, state: dict, meta: dict) -> None:
     mngr.close()
 
 
-def restore_checkpoint(workdir: Path, kind: str, template: dict) -> tuple[dict, dict] | None:
-    """Restores `ckpt/<kind>` into the structure of `template`; None if there is none."""
+def restore_tree(workdir: Path, kind: str, template: dict) -> tuple[dict, dict] | None:
+    """Restores `ckpt/<kind>` with the structure of the pure tree `template` as host-backed
+    (uncommitted) arrays; None if there is no checkpoint."""
     root = (workdir / "ckpt" / kind).absolute()
     if not root.is_dir():
         return None
@@ -293,12 +290,7 @@ def restore_checkpoint(workdir: Path, kind: str, template: dict) -> tuple[dict, 
     if step is None:
         mngr.close()
         return None
-    abstract = {
-        "lower": template["lower"].to_pure_dict(),
-        "prompt": template["prompt"].to_pure_dict(),
-        "opt": _tree_to_leaves((template["lower_opt"], template["prompt_opt"])),
-    }
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -306,10 +298,33 @@ def restore_checkpoint(workdir: Path, kind: str, template: dict) -> tuple[dict, 
         ),
     )
     mngr.close()
-    meta = restored["meta"]
     # Orbax returns device-committed arrays; as step inputs they (and then the step's committed
     # outputs) are two more jit cache entries, i.e. two extra compiles in every resumed run.
     tree = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored["state"])
+    return tree, restored["meta"]
+
+
+def save_checkpoint(workdir: Path, kind: str, state: dict, meta: dict) -> None:
+    """Writes the few-shot run state as `ckpt/<kind>/<step>`."""
+    tree = {
+        "lower": state["lower"].to_pure_dict(),
+        "prompt": state["prompt"].to_pure_dict(),
+        "opt": _tree_to_leaves((state["lower_opt"], state["prompt_opt"])),
+    }
+    save_tree(workdir, kind, tree, meta)
+
+
+def restore_checkpoint(workdir: Path, kind: str, template: dict) -> tuple[dict, dict] | None:
+    """Restores `ckpt/<kind>` into the structure of `template`; None if there is none."""
+    abstract = {
+        "lower": template["lower"].to_pure_dict(),
+        "prompt": template["prompt"].to_pure_dict(),
+        "opt": _tree_to_leaves((template["lower_opt"], template["prompt_opt"])),
+    }
+    restored = restore_tree(workdir, kind, abstract)
+    if restored is None:
+        return None
+    tree, meta = restored
     lower = jax.tree.map(lambda x: x, template["lower"])
     prompt = jax.tree.map(lambda x: x, template["prompt"])
     nnx.replace_by_pure_dict(lower, tree["lower"])

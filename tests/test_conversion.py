@@ -57,8 +57,13 @@ def test_plan_consumes_every_official_key_and_fills_every_parameter(model_type, 
     plan = plan_conversion(shapes, cfg)
     used = {step.key for step in plan.steps.values()}
     assert used == set(shapes)  # every source key consumed
-    assert set(plan.steps) | set(plan.from_config) == set(plan.targets)  # every target filled
+    filled = set(plan.steps) | set(plan.from_config) | set(plan.zero_filled)
+    assert filled == set(plan.targets)  # every target filled
     assert plan.reinitialized == ()
+    # Only the SUM task table (absent from SAM checkpoints) is zero-filled.
+    assert plan.zero_filled == tuple(
+        f"prompt_encoder.task_prompt_embedding.{i}.weight" for i in range(4)
+    )
     resized = sorted(s.key for s in plan.steps.values() if s.resize)
     if image_size == 1024:
         assert resized == []

@@ -35,7 +35,7 @@ from amsam_jax.checkpoint import (
     save_params,
     torch_default_init,
 )
-from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
+from weights_conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
@@ -180,6 +180,7 @@ class Plan:
     steps: dict[str, Step]  # NNX path -> source
     reinitialized: tuple[str, ...]  # NNX paths given a fresh PyTorch-default init
     from_config: tuple[str, ...]  # NNX paths set from the config (non-persistent buffers)
+    zero_filled: tuple[str, ...]  # SUM task table absent from a plain SAM checkpoint: zeros
     targets: dict[str, tuple[int, ...]]  # every NNX path -> shape
 
 
@@ -242,19 +243,22 @@ def plan_conversion(
             )
         else:
             steps[path] = Step(key, transform, resize)
-    reinitialized, from_config = [], []
+    reinitialized, from_config, zero_filled = [], [], []
+    has_task_table = any(p.startswith(TASK_PREFIX) for p in steps)
     for path, shape in targets.items():
         if path in steps:
             continue
         if path in ("pixel_mean", "pixel_std"):  # non-persistent torch buffers
             from_config.append(path)
+        elif path.startswith(TASK_PREFIX) and not has_task_table:  # SUM spec §4: zero-init
+            zero_filled.append(path)
         elif reinit_heads and path.startswith(HEAD_PREFIXES):
             reinitialized.append(path)
         else:
             errors.append(f"model parameter {path} {shape} has no source key")
     if errors:
         raise ConversionError(f"{len(errors)} problem(s): " + "; ".join(errors))
-    return Plan(steps, tuple(reinitialized), tuple(from_config), targets)
+    return Plan(steps, tuple(reinitialized), tuple(from_config), tuple(zero_filled), targets)
 
 
 def convert_state_dict(
@@ -285,6 +289,8 @@ def convert_state_dict(
         filled[path] = x.astype(np.float32)
     for path in plan.from_config:
         filled[path] = np.asarray(getattr(cfg, path), np.float32)
+    for path in plan.zero_filled:
+        filled[path] = np.zeros(plan.targets[path], np.float32)
     rng = np.random.default_rng(seed)
     for path in plan.reinitialized:
         layer = path.rsplit(".", 1)[0]
@@ -294,6 +300,7 @@ def convert_state_dict(
         "resized": sorted(s.key for s in plan.steps.values() if s.resize),
         "reinitialized": list(plan.reinitialized),
         "reinit_seed": seed,
+        "task_prompt": "checkpoint" if not plan.zero_filled and cfg.num_tasks else "zeros",
     }
     nested: dict = {}
     for path, x in filled.items():

@@ -46,6 +46,8 @@ MAPPING: dict[str, tuple[str, Transform]] = {
     r"prompt_encoder\.point_embeddings\.([0-3])\.weight": (r"prompt_encoder.point_embeddings.\1.weight", Transform.NONE),
     r"prompt_encoder\.not_a_point_embed\.weight": ("prompt_encoder.not_a_point_embed.weight", Transform.NONE),
     r"prompt_encoder\.no_mask_embed\.weight": ("prompt_encoder.no_mask_embed.weight", Transform.NONE),
+    # SUM checkpoints only (Kangningthu/SUM); official SAM has no task table and it is zero-filled.
+    r"prompt_encoder\.task_prompt_embedding\.([0-9])\.weight": (r"prompt_encoder.task_prompt_embedding.\1.weight", Transform.NONE),
     r"prompt_encoder\.mask_downscaling\.0\.weight": ("prompt_encoder.mask_downscaling.0.kernel", Transform.CONV),
     r"prompt_encoder\.mask_downscaling\.0\.bias": ("prompt_encoder.mask_downscaling.0.bias", Transform.NONE),
     r"prompt_encoder\.mask_downscaling\.1\.(weight|bias)": (r"prompt_encoder.mask_downscaling.1.\1", Transform.NONE),
@@ -93,3 +95,7 @@ def target_of(torch_key: str) -> tuple[str, Transform] | None:
         if m:
             return m.expand(template), transform
     return None
+
+
+# NNX path prefix of the SUM task table (zero-filled when a checkpoint has none).
+TASK_PREFIX = "prompt_encoder.task_prompt_embedding."

@@ -17,6 +17,32 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features)))
 
 
+class TaskParam(nnx.Param):
+    """A task-prompt embedding (SUM spec §4): its own Variable type, so optimisers and
+    partitions select it by type."""
+
+
+class TaskEmbedding(nnx.Module):
+    """One zero-initialised task-prompt row, stored as the SUM reference's `nn.Embedding(1, C)`."""
+
+    def __init__(self, features: int):
+        self.weight = TaskParam(jnp.zeros((1, features), jnp.float32))
+
+
+TASKS = ("unspecified", "salient", "entity", "part")
+
+
+def task_id(task: "int | str | None") -> int | None:
+    """Task name or id -> id (0 unspecified, 1 salient, 2 entity, 3 part); None stays None."""
+    if task is None or isinstance(task, int):
+        if task is not None and not 0 <= task < len(TASKS):
+            raise ValueError(f"task id {task} out of range 0..{len(TASKS) - 1}")
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    return TASKS.index(task)
+
+
 class PositionEmbeddingRandom(nnx.Module):
     """Random-Fourier positional encoding with a fixed Gaussian matrix (loaded, never re-drawn)."""
 
@@ -58,6 +84,8 @@ class PromptEncoder(nnx.Module):
         image_embedding_size: tuple[int, int],
         input_image_size: tuple[int, int],
         mask_in_chans: int,
+        num_tasks: int = len(TASKS),
+        freeze_task0: bool = True,
         *,
         rngs: nnx.Rngs,
     ):
@@ -87,6 +115,16 @@ class PromptEncoder(nnx.Module):
             ]
         )
         self.no_mask_embed = Embedding(1, embed_dim, rngs=rngs)
+        # SUM task prompt (spec §4), zero-initialised; absent from official SAM checkpoints.
+        self.freeze_task0 = freeze_task0
+        self.task_prompt_embedding = nnx.List([TaskEmbedding(embed_dim) for _ in range(num_tasks)])
+
+    def task_embeddings(self) -> Float[Array, "t c"]:
+        """The (T, C) task table; row 0 reads as zero (no gradient) when `freeze_task0`."""
+        table = jnp.concatenate([e.weight[...] for e in self.task_prompt_embedding], axis=0)
+        if self.freeze_task0:
+            table = jnp.where(jnp.arange(table.shape[0])[:, None] == 0, 0.0, table)
+        return table
 
     def get_dense_pe(self) -> Float[Array, "g g c"]:
         """Positional encoding of the image-embedding grid, (G, G, C)."""
@@ -129,6 +167,7 @@ class PromptEncoder(nnx.Module):
         points: tuple[jax.Array, jax.Array] | None,
         boxes: Float[Array, "b 4"] | None,
         masks: Float[Array, "b h w 1"] | None,
+        task: jax.Array | int | None = None,
     ) -> tuple[Float[Array, "b n c"], Float[Array, "b g g c"]]:
         """Embeds prompts.
 
@@ -137,6 +176,8 @@ class PromptEncoder(nnx.Module):
                 0 negative, -1 padding), or None.
             boxes: (B, 4) boxes (x0, y0, x1, y1) in input-frame pixels, or None.
             masks: (B, 4G, 4G, 1) low-resolution mask logits, or None.
+            task: SUM task id, a scalar or one per prompt (B,); its row of the task table is
+                added to the dense embedding. None adds nothing (plain SAM).
 
         Returns:
             sparse (B, N, C) and dense (B, G, G, C) embeddings.
@@ -164,4 +205,7 @@ class PromptEncoder(nnx.Module):
             dense = jnp.broadcast_to(
                 self.no_mask_embed.weight[...].reshape(1, 1, 1, -1), (bs, g_h, g_w, self.embed_dim)
             )
+        if task is not None and len(self.task_prompt_embedding):
+            rows = jnp.take(self.task_embeddings(), jnp.asarray(task, jnp.int32), axis=0)
+            dense = dense + jnp.broadcast_to(rows, (bs, self.embed_dim))[:, None, None, :]
         return sparse, dense

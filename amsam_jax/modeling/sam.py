@@ -70,6 +70,7 @@ class Sam(nnx.Module):
         boxes: Float[Array, "b 4"] | None = None,
         mask_inputs: Float[Array, "b l l 1"] | None = None,
         multimask_output: bool = True,
+        task: jax.Array | int | None = None,
     ) -> tuple[Float[Array, "b k l l"], Float[Array, "b k"]]:
         """Encodes preprocessed images and decodes one prompt set per image.
 
@@ -79,12 +80,13 @@ class Sam(nnx.Module):
             boxes: optional (B, 4) in input-frame pixels.
             mask_inputs: optional (B, 4G, 4G, 1) logits.
             multimask_output: SAM's output selection.
+            task: optional SUM task id (scalar or (B,)); None is plain SAM.
 
         Returns:
             low-res logits (B, K, 4G, 4G) and IoU predictions (B, K).
         """
         embeddings = self.image_encoder(images)
-        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs, task)
         return self.mask_decoder(
             embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
         )
