@@ -192,6 +192,11 @@ def test_sum_loss_composition_iou_target_and_mask_weight():
     np.testing.assert_allclose(float(metrics["iou"]), ((iou_pred - iou_t) ** 2).mean(), rtol=1e-5)
     weighted, _ = loss_fn(x, y, None, None, iou_pred, np.array([0.0, 1.0], np.float32), cfg=cfg)
     np.testing.assert_allclose(float(weighted), per_mask[1], rtol=1e-5)
+    # A padding mask with an empty valid region (0, 0) stays finite and is weighted out.
+    hw = np.array([[0, 0], [S, S]], np.int32)
+    y255 = y.astype(np.uint8) * 255  # uint8 0/255 targets read as binary
+    padded, _ = loss_fn(x, y255, None, hw, iou_pred, np.array([0.0, 1.0], np.float32), cfg=cfg)
+    np.testing.assert_allclose(float(padded), per_mask[1], rtol=1e-5)
     # The IoU target carries no gradient: the IoU term's gradient wrt the logits is zero.
     _, g = loss_and_grad(x, y, None, None, iou_pred, cfg=IOU_ONLY)
     np.testing.assert_array_equal(np.asarray(g), 0.0)
