@@ -83,11 +83,20 @@ def valid_mask(valid_hw: Int[Array, "m 2"] | None, shape: tuple[int, ...]) -> ja
 
 
 def _num_valid(valid_hw: Int[Array, "m 2"] | None, shape: tuple[int, ...]) -> jax.Array:
+    """h * w per mask, at least 1 so that an empty padding mask (0, 0) gives 0, not NaN."""
     m, h, w = shape
     if valid_hw is None:
         return jnp.full((m,), h * w, jnp.float32)
     valid_hw = jnp.asarray(valid_hw)
-    return (valid_hw[:, 0] * valid_hw[:, 1]).astype(jnp.float32)
+    return jnp.maximum(valid_hw[:, 0] * valid_hw[:, 1], 1).astype(jnp.float32)
+
+
+def _target(y: Array, dtype) -> jax.Array:
+    """Binary target as floats: integer/bool masks are nonzero-is-foreground (uint8 0/255 too)."""
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        return y.astype(dtype)
+    return (y != 0).astype(dtype)
 
 
 def _uncertainty(uncertainty: jax.Array | None, like: jax.Array) -> jax.Array:
@@ -106,14 +115,15 @@ def sigmoid_focal_pixels(
 
     Args:
         logits: (M, H, W) logits x.
-        y: (M, H, W) binary targets (bool, uint8 or float in {0, 1}).
+        y: (M, H, W) binary targets: bool, integer (nonzero = 1, so uint8 0/255 works) or
+            float in {0, 1}.
         alpha: weight of the positive class.
         gamma: focusing exponent.
 
     Returns:
         (M, H, W) float32 focal loss per pixel.
     """
-    y = jnp.asarray(y, logits.dtype)
+    y = _target(y, logits.dtype)
     ce = jnp.maximum(logits, 0.0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     one_minus_pt = jax.nn.sigmoid(logits * (1.0 - 2.0 * y))
     alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y)
@@ -177,7 +187,7 @@ def dice_loss_per_mask(
     """
     u = _uncertainty(uncertainty, logits)
     s = jax.nn.sigmoid(logits)
-    yf = jnp.asarray(y, logits.dtype)
+    yf = _target(y, logits.dtype)
     valid = valid_mask(valid_hw, logits.shape)
     if mode == "hard":
         k = (valid & ((1.0 - u) > threshold)).astype(logits.dtype)
@@ -208,7 +218,7 @@ def iou_target(
     logits = jax.lax.stop_gradient(logits)
     valid = valid_mask(valid_hw, logits.shape)
     pred = (jax.nn.sigmoid(logits) >= 0.5) & valid
-    yb = jnp.asarray(y).astype(bool) & valid
+    yb = (_target(y, jnp.float32) > 0.5) & valid
     inter = jnp.sum(pred & yb, axis=(1, 2)).astype(jnp.float32)
     union = jnp.sum(pred, axis=(1, 2)) + jnp.sum(yb, axis=(1, 2)) - inter
     return inter / (union + 1e-7)
@@ -232,7 +242,8 @@ def sum_loss(
         valid_hw: (M, 2) valid sizes (h, w) per mask, or None for the full frame.
         iou_pred: (M,) IoU-head predictions, or None to drop the IoU term.
         mask_weight: (M,) 1 for real masks and 0 for padding masks (a static mask count), or
-            None for all ones. The average is sum(weight * L) / sum(weight).
+            None for all ones. The average is sum(weight * L) / max(sum(weight), 1). A padding
+            mask may have valid_hw (0, 0): its terms are finite (focal 0).
         cfg: hyper-parameters; a static argument under jit.
 
     Returns:

@@ -24,8 +24,10 @@ focal_fn = jax.jit(sum_loss.focal_loss_per_mask)
 dice_fn = jax.jit(sum_loss.dice_loss_per_mask)
 focal_grad = jax.jit(jax.grad(lambda x, y, u, v: jnp.sum(sum_loss.focal_loss_per_mask(x, y, u, v))))
 dice_grad = jax.jit(jax.grad(lambda x, y, u, v: jnp.sum(sum_loss.dice_loss_per_mask(x, y, u, v))))
-ref_focal_grad = jax.jit(jax.grad(lambda x, y: jnp.sum(sum_loss.reference_focal_loss(x, y))))
-ref_dice_grad = jax.jit(jax.grad(lambda x, y: jnp.sum(sum_loss.reference_dice_loss(x, y))))
+ref_focal = jax.jit(sum_loss.reference_focal_loss)
+ref_dice = jax.jit(sum_loss.reference_dice_loss)
+ref_focal_grad = jax.jit(jax.grad(lambda x, y: jnp.sum(ref_focal(x, y))))
+ref_dice_grad = jax.jit(jax.grad(lambda x, y: jnp.sum(ref_dice(x, y))))
 loss_fn = jax.jit(sum_loss.sum_loss, static_argnames="cfg")
 loss_and_grad = jax.jit(jax.value_and_grad(sum_loss.sum_loss, has_aux=True), static_argnames="cfg")
 first_fn = jax.jit(sampling.sample_first_point, static_argnames=("hard_threshold", "grid_scale"))
@@ -78,16 +80,14 @@ def test_zero_missing_maps_zeroes_rows_and_counts_them():
 def test_zero_uncertainty_equals_plain_focal_and_dice_in_value_and_gradient():
     x, y = _rand(0, (M, S, S)), _masks(1)
     u0 = np.zeros((M, S, S), np.float32)
-    np.testing.assert_allclose(
-        focal_fn(x, y, u0, FULL), sum_loss.reference_focal_loss(x, y), rtol=1e-5
-    )
-    np.testing.assert_allclose(dice_fn(x, y, u0, FULL), sum_loss.reference_dice_loss(x, y), 1e-6)
+    np.testing.assert_allclose(focal_fn(x, y, u0, FULL), ref_focal(x, y), rtol=1e-5)
+    np.testing.assert_allclose(dice_fn(x, y, u0, FULL), ref_dice(x, y), 1e-6)
     np.testing.assert_allclose(
         focal_grad(x, y, u0, FULL), ref_focal_grad(x, y), rtol=1e-4, atol=1e-10
     )
     np.testing.assert_allclose(dice_grad(x, y, u0, FULL), ref_dice_grad(x, y), rtol=1e-4, atol=1e-9)
     # A wrong target must change the value (the reference check is not vacuous).
-    assert not np.allclose(focal_fn(x, ~y, u0, FULL), sum_loss.reference_focal_loss(x, y))
+    assert not np.allclose(focal_fn(x, ~y, u0, FULL), ref_focal(x, y))
 
 
 def test_focal_matches_torchvision_formula_at_large_logits():
@@ -97,7 +97,7 @@ def test_focal_matches_torchvision_formula_at_large_logits():
     ce = np.logaddexp(0, x.astype(np.float64)) - x * y
     p_t = p * y + (1 - p) * (1 - y)
     expect = ((0.25 * y + 0.75 * (1 - y)) * (1 - p_t) ** 2 * ce).mean()
-    got = sum_loss.focal_loss_per_mask(jnp.asarray(x), y)
+    got = focal_fn(x, y)
     np.testing.assert_allclose(got, [expect], rtol=1e-5)
 
 
@@ -185,13 +185,18 @@ def test_sum_loss_composition_iou_target_and_mask_weight():
     total, metrics = loss_fn(x, y, None, None, iou_pred, cfg=cfg)
     pred = x >= 0
     iou_t = (pred & y).sum((1, 2)) / ((pred | y).sum((1, 2)) + 1e-7)
-    focal = np.asarray(sum_loss.reference_focal_loss(x, y))
-    dice = np.asarray(sum_loss.reference_dice_loss(x, y))
+    focal = np.asarray(ref_focal(x, y))
+    dice = np.asarray(ref_dice(x, y))
     per_mask = 20 * focal + dice + (iou_pred - iou_t) ** 2
     np.testing.assert_allclose(float(total), per_mask.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["iou"]), ((iou_pred - iou_t) ** 2).mean(), rtol=1e-5)
     weighted, _ = loss_fn(x, y, None, None, iou_pred, np.array([0.0, 1.0], np.float32), cfg=cfg)
     np.testing.assert_allclose(float(weighted), per_mask[1], rtol=1e-5)
+    # A padding mask with an empty valid region (0, 0) stays finite and is weighted out.
+    hw = np.array([[0, 0], [S, S]], np.int32)
+    y255 = y.astype(np.uint8) * 255  # uint8 0/255 targets read as binary
+    padded, _ = loss_fn(x, y255, None, hw, iou_pred, np.array([0.0, 1.0], np.float32), cfg=cfg)
+    np.testing.assert_allclose(float(padded), per_mask[1], rtol=1e-5)
     # The IoU target carries no gradient: the IoU term's gradient wrt the logits is zero.
     _, g = loss_and_grad(x, y, None, None, iou_pred, cfg=IOU_ONLY)
     np.testing.assert_array_equal(np.asarray(g), 0.0)
