@@ -427,7 +427,12 @@ class SamAutomaticMaskGenerator:
                 "crop_box": box_xyxy_to_xywh(np.asarray(crop.crop_box)).tolist(),
             }
             if probabilities is not None:
-                record["probability"] = probabilities[k]
+                prob = probabilities[k]
+                if self.min_mask_region_area > 0:
+                    # Filled holes / removed islands: keep the soft value but put it on the
+                    # mask's side of 0.5, so that prob > 127.5 is the segmentation everywhere.
+                    prob = np.where(mask, np.maximum(prob, 128), np.minimum(prob, 127))
+                record["probability"] = prob.astype(np.uint8)
             records.append(record)
         return records
 
