@@ -470,6 +470,8 @@ def iter_pseudo_labels(
         try:
             with Image.open(image_path) as img:
                 w, h = img.size
+                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # read_image_rgb transposes these
+                    w, h = h, w
         except (UnidentifiedImageError, OSError) as e:
             raise PseudoLabelError(f"{image_path}: cannot read image ({e})") from None
         if (h, w) != ann.size:
