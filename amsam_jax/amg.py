@@ -231,8 +231,8 @@ def _predict_points(
         stability_score_offset: scalar.
         input_size: (h, w) of the resized crop.
         crop_size: (H, W) of the crop.
-        task: the task-prompt id (SUM spec §4). The plain SAM prompt encoder has no task table,
-            so every id decodes the same; it is a static argument so that one id is one compile.
+        task: the task-prompt id (SUM spec §4), or None for plain SAM; a static argument, so
+            one id is one compile.
 
     Returns:
         low-res logits (B, 3, L, L), predicted IoU (B, 3), stability score (B, 3), masks
@@ -241,7 +241,7 @@ def _predict_points(
     model = nnx.merge(graphdef, state)
     b = coords.shape[0]
     labels = jnp.ones((b, 1), jnp.int32)
-    sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None)
+    sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None, task)
     low_res, iou = model.mask_decoder(
         features, model.prompt_encoder.get_dense_pe(), sparse, dense, True
     )

@@ -76,11 +76,47 @@ def label_image(
     return len(records)
 
 
+def label_folder(
+    model, images_dir, out_dir, points_per_side: int = 32, keep_prob: bool = True, say=print, **amg
+) -> list[str]:
+    """Pseudo-labels every image of `images_dir` without a `<stem>.json` in `out_dir`.
+
+    Args:
+        model: the SAM.
+        images_dir: folder of images.
+        out_dir: output folder (created).
+        points_per_side: the generator's grid.
+        keep_prob: write the `.prob.npz` sidecars.
+        say: progress printer.
+        **amg: other `SamAutomaticMaskGenerator` arguments.
+
+    Returns:
+        one-line errors of the images that could not be read (nothing is written for them).
+    """
+    out_dir = Path(out_dir)
+    generator = SamAutomaticMaskGenerator(
+        model, points_per_side=points_per_side, keep_probabilities=keep_prob, **amg
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for image_path in list_images(images_dir):
+        if (out_dir / f"{image_path.stem}.json").exists():
+            say(f"skip {image_path.name} (done)")
+            continue
+        try:
+            n = label_image(generator, image_path, out_dir, keep_prob)
+        except ImageReadError as e:
+            errors.append(str(e))
+            continue
+        say(f"{image_path.name}: {n} masks")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
     try:
-        images = list_images(args.images)
+        list_images(args.images)  # a missing folder: one line, exit 2
     except PseudoLabelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_sam(args.sam)
     keep_prob = not args.no_probabilities
-    generator = SamAutomaticMaskGenerator(
+    errors = label_folder(
         model,
-        points_per_side=args.points_per_side,
+        args.images,
+        out_dir,
+        args.points_per_side,
+        keep_prob,
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh,
@@ -110,22 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         crop_nms_thresh=args.crop_nms_thresh,
         crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
         min_mask_region_area=args.min_mask_region_area,
-        keep_probabilities=keep_prob,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for image_path in images:
-        if (out_dir / f"{image_path.stem}.json").exists():
-            print(f"skip {image_path.name} (done)")
-            continue
-        try:
-            n = label_image(generator, image_path, out_dir, keep_prob)
-        except ImageReadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{image_path.name}: {n} masks")
-    return 1 if failed else 0
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

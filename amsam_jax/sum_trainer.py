@@ -144,7 +144,11 @@ def pseudo_folder(cfg: SumConfig, workdir: Path, sam, say) -> tuple[Path, Path]:
         from amsam_jax.pseudo_labels import label_folder
 
         say(f"pseudo-labels: automatic mask generator on {len(todo)} images of {images} -> {out}")
-        label_folder(sam, images, out, cfg.data.amg_points_per_side, **_amg_thresholds(cfg))
+        errors = label_folder(
+            sam, images, out, cfg.data.amg_points_per_side, say=say, **_amg_thresholds(cfg)
+        )
+        if errors:
+            raise DataError(None, errors[0])
     return images, out
 
 
