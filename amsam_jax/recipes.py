@@ -117,9 +117,10 @@ def sum_smoke(cfg):
         train=dataclasses.replace(
             cfg.train,
             steps=4,
-            human_images=2,
-            human_masks_per_image=2,
-            num_point_rounds=3,
+            # One image x 4 masks for both sources: both step kinds share their compilations.
+            human_images=1,
+            human_masks_per_image=4,
+            num_point_rounds=2,
             eval_clicks=3,
             checkpoint_every=1,
         ),

@@ -111,6 +111,8 @@ class LabelledSet:
         for spec in specs:
             folder, tid = parse_labelled(spec)
             for sample in list_samples(folder, split):
+                for path in (sample.image_path, sample.mask_path):
+                    _check_header(path)
                 self.items.append((sample, tid))
         if not self.items:
             raise DataError(None, f"no labelled images in {', '.join(specs)} ({split} split)")
@@ -126,6 +128,18 @@ class LabelledSet:
             raise DataError(sample.mask_path, "mask has no foreground")
         prob = masks.astype(np.uint8) * np.uint8(255)
         return Entry(f"{sample.image_path}", image, prob, tid)
+
+
+def _check_header(path: Path) -> None:
+    """Fails early, with one line naming the file, on a file PIL cannot identify (the pixels
+    are read, and checked again, when the image is used)."""
+    try:
+        with Image.open(path):
+            pass
+    except FileNotFoundError:
+        raise DataError(path, "no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot read image ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
