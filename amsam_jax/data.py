@@ -171,6 +171,15 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     Raises:
         DataError: missing, corrupt or truncated file.
     """
+    return read_mask_values(path) > 0
+
+
+def read_mask_values(path: str | os.PathLike) -> np.ndarray:
+    """A mask file's values (H, W) (first channel if several; palette indices), EXIF-rotated.
+
+    Raises:
+        DataError: missing, corrupt or truncated file.
+    """
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
@@ -180,9 +189,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot read mask ({e})") from None
     arr = np.asarray(img)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    return arr > 0
+    return arr[..., 0] if arr.ndim == 3 else arr
 
 
 def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from amsam_jax.configs import SamSection, _from_dict
+from amsam_jax.sum_loss import SumLossConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +39,6 @@ class SumData:
     amg_stability_score_thresh: float = 0.95
     eval_split: str = "test"  # interactive evaluation at the end of the run ("" to skip)
     eval_max_images: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class SumLoss:
-    lambda_focal: float = 20.0
-    lambda_dice: float = 1.0
-    lambda_iou: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    dice_smooth: float = 1.0
-    dice_uncertainty_threshold: float = 0.5
-    use_uncertainty_loss: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +90,7 @@ class SumConfig:
     seed: int = 42
     data: SumData = SumData()
     sam: SamSection = SamSection(image_size=1024, num_classes=3, reinit_heads=False)
-    loss: SumLoss = SumLoss()
+    loss: SumLossConfig = SumLossConfig()  # spec §6 / §11 (use_uncertainty: the loss's U)
     train: SumTrain = SumTrain()
     refine: SumRefine = SumRefine()
 

@@ -13,9 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from amsam_jax.data import SAM_PIXEL_MEAN, SAM_PIXEL_STD, DataError, list_samples, load_sample
+from amsam_jax.data import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    DataError,
+    list_samples,
+    load_sample,
+    read_mask_values,
+)
 from amsam_jax.modeling.prompt_encoder import task_id
 from amsam_jax.transforms import ResizeLongestSide
 
@@ -42,17 +49,7 @@ def read_instance_masks(path: str | os.PathLike) -> np.ndarray:
     Raises:
         DataError: missing or unreadable file.
     """
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-    except FileNotFoundError:
-        raise DataError(path, "no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot read mask ({e})") from None
-    arr = np.asarray(img)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
+    arr = read_mask_values(path)
     ids = np.unique(arr)
     ids = ids[ids != 0]
     return arr[None] == ids[:, None, None]

@@ -26,7 +26,6 @@ from amsam_jax import sum_data
 from amsam_jax.cache import EmbeddingCache
 from amsam_jax.data import DataError, bundled_synthetic_dir
 from amsam_jax.sum_config import SumConfig
-from amsam_jax.sum_loss import SumLossConfig
 from amsam_jax.sum_step import (
     SumStepConfig,
     make_optimizers,
@@ -36,20 +35,6 @@ from amsam_jax.sum_step import (
 from amsam_jax.trainer import JsonlWriter, TrainError, log, resolve_sam, restore_tree, save_tree
 
 UNCERTAINTY_SOURCES = ("refiner", "maps", "zeros")
-
-
-def loss_config(cfg: SumConfig) -> SumLossConfig:
-    c = cfg.loss
-    return SumLossConfig(
-        lambda_focal=c.lambda_focal,
-        lambda_dice=c.lambda_dice,
-        lambda_iou=c.lambda_iou,
-        focal_alpha=c.focal_alpha,
-        focal_gamma=c.focal_gamma,
-        dice_smooth=c.dice_smooth,
-        dice_uncertainty_threshold=c.dice_uncertainty_threshold,
-        use_uncertainty=c.use_uncertainty_loss,
-    )
 
 
 def step_config(cfg: SumConfig) -> SumStepConfig:
@@ -70,7 +55,7 @@ def step_config(cfg: SumConfig) -> SumStepConfig:
             use_uncertainty_sampling=t.use_uncertainty_sampling,
             sampling_threshold=t.sampling_threshold,
             use_task_prompt=t.use_task_prompt,
-            loss=loss_config(cfg),
+            loss=cfg.loss,
         )
     except ValueError as e:
         raise TrainError(str(e)) from None

@@ -12,7 +12,8 @@ SUBCOMMANDS = {
     "encoder": ("amsam_jax.bench.encoder", "image-encoder forward: JAX vs official PyTorch"),
     "boxes": ("amsam_jax.bench.boxes", "box-prompt detector"),
     "train": ("amsam_jax.bench.train", "bi-level step per hypergradient mode, whole few-shot run"),
-    "sum": (None, "SUM (not implemented yet)"),
+    "sum": ("amsam_jax.bench.sum", "SUM interactive step; AMG vs official PyTorch AMG"),
+    "amg": ("amsam_jax.bench.amg", "automatic mask generator only: JAX vs official PyTorch"),
 }
 
 
