@@ -162,3 +162,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "unknown task 'sky'" in capsys.readouterr().err
     Image.new("RGB", (4, 4)).save(empty / "x.png")
     assert not (tmp_path / "w1" / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_refine_apply_cli_reproduces_the_runs_maps(uninterrupted, tmp_path, capsys):
+    from amsam_jax.refine import main as refine_main
+
+    w = uninterrupted
+    images = bundled_synthetic_dir() / "train" / "images"
+    argv = ["apply", "--refiner", str(w / "refiner"), "--images", str(images)]
+    argv += ["--labels", str(w / "pseudo_labels"), "--out", str(tmp_path), "--batch-masks", "4"]
+    assert refine_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 8
+    for ours in sorted(tmp_path.glob("*.refined.npz")):
+        with np.load(ours) as a, np.load(w / "refined" / ours.name) as b:
+            assert np.array_equal(a["prob"], b["prob"]) and a["prob"].dtype == np.uint8
+            assert a["valid"].all()
+    no_labels = ["apply", "--refiner", str(w / "refiner"), "--images", str(images)]
+    assert refine_main([*no_labels, "--out", str(tmp_path)]) == 2  # no json next to the images
+    assert "missing annotation file" in capsys.readouterr().err
