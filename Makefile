@@ -27,8 +27,10 @@ run: venv
 demo: venv
 	$(BIN)/python -m amsam_jax.predict --demo --output runs/demo/prediction.npz --overlay runs/demo/overlay.png
 
+# Two workers (one per core): the suite is dominated by single-threaded XLA compiles. A test
+# file stays on one worker (--dist loadfile), so module fixtures are built once.
 test: venv-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-fast: venv-test
 	$(BIN)/python -m pytest -q -m "not slow" tests

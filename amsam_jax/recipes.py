@@ -116,7 +116,7 @@ def sum_smoke(cfg):
         ),
         train=dataclasses.replace(
             cfg.train,
-            steps=4,
+            steps=8,
             # One image x 4 masks for both sources: both step kinds share their compilations.
             human_images=1,
             human_masks_per_image=4,
@@ -124,7 +124,10 @@ def sum_smoke(cfg):
             eval_clicks=3,
             checkpoint_every=1,
         ),
-        refine=dataclasses.replace(cfg.refine, steps=2, images=2, masks_per_image=2, batch_masks=4),
+        # Box prompts only in the smoke refiner: one compiled step instead of two.
+        refine=dataclasses.replace(
+            cfg.refine, steps=2, images=1, masks_per_image=4, batch_masks=4, p_box=1.0
+        ),
     )
 
 

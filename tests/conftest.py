@@ -1,5 +1,6 @@
 """Shared test setup: float32 matmuls on every backend, as the parity tolerances assume."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,13 @@ from PIL import Image
 
 jax.config.update("jax_default_matmul_precision", "float32")
 # XLA compiles are slow on a 2-core CPU; reuse them across test processes and runs.
-jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache/amsam_jax/jax-tests"))
+_CACHE = Path.home() / ".cache/amsam_jax/jax-tests"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+# CLI subprocesses (`python -m amsam_jax.train ...`) share it: the same recipe compiled in-process
+# by one test is a cache hit for another test's subprocess.
+# The matmul precision is part of the cache key, so subprocesses get the same setting.
+os.environ.setdefault("AMSAM_XLA_CACHE", str(_CACHE))
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "float32")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

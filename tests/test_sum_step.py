@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.recipes import sum_recipe
 from amsam_jax.refine import prob_to_mask_prompt
 from amsam_jax.sum_data import Entry, Shapes, make_batch, to_frame
 from amsam_jax.sum_loss import SumLossConfig, sum_loss, upsample_logits
@@ -15,10 +16,11 @@ from amsam_jax.sum_step import (
     decode,
     episode_inputs,
     lr_schedule,
+    make_optimizers,
     make_sum_step,
     split_sum_model,
 )
-from amsam_jax.sum_trainer import pick
+from amsam_jax.sum_trainer import pick, step_config
 
 CFG = SamConfig.tiny()
 S, L = CFG.image_size, 4 * CFG.grid_size
@@ -71,7 +73,11 @@ def _state(t, params_tx, task_tx):
     }
 
 
-STEP_CFG = SumStepConfig(size=S, num_point_rounds=2, num_mask_only_rounds=2)
+# The smoke recipe's step, shapes and optimisers: its compilation (persistent cache) is then
+# shared with the `sum:smoke` runs of test_sum_train.py.
+SMOKE = sum_recipe("smoke")
+STEP_CFG = step_config(SMOKE)
+SMOKE_SHAPES = (1, SMOKE.train.human_masks_per_image)
 # One box round, focal term only: its loss is checked against `sum_loss`, and U ≡ 1 zeroes it.
 FOCAL_CFG = SumStepConfig(
     size=S,
@@ -92,10 +98,9 @@ def focal_step(sam):
 
 @pytest.fixture(scope="module")
 def step_parts(sam):
-    import optax
 
     t = split_sum_model(sam)
-    params_tx, task_tx = optax.adam(1e-3), optax.adam(1e-2)
+    params_tx, task_tx = make_optimizers(SMOKE.train, 2 * SMOKE.train.steps)
     return t, params_tx, task_tx, make_sum_step(t.graphdef, STEP_CFG, params_tx, task_tx)
 
 
@@ -116,11 +121,12 @@ def test_make_batch_shapes_padding_and_frame(sam):
     np.testing.assert_array_equal(b["prob"][0], to_frame(entries[0].prob[:1], (256, 192), S)[0])
 
 
-@pytest.mark.parametrize("first_is_box", [False, True])
-def test_step_trains_decoder_not_task_zero_and_is_deterministic(step_parts, first_is_box):
+def test_step_trains_decoder_not_task_zero_and_is_deterministic(step_parts):
+    """Point-first episode (a box-first round 1 is the `focal_step` below)."""
+    first_is_box = False
     t, params_tx, task_tx, step = step_parts
     rng = np.random.default_rng(1)
-    batch = _batch(rng, _entries(rng, task=0))  # every task id 0 (§9 item 16)
+    batch = _batch(rng, _entries(rng, n=1, k=5, task=0), per=4)  # every task id 0 (§9.16)
     key = jax.random.key(3)
     s1, m1 = step(_state(t, params_tx, task_tx), t.frozen, batch, key, first_is_box)
     s2, m2 = step(_state(t, params_tx, task_tx), t.frozen, batch, key, first_is_box)
@@ -140,10 +146,10 @@ def test_step_trains_decoder_not_task_zero_and_is_deterministic(step_parts, firs
 def test_task_rows_in_use_train_and_row_zero_stays(step_parts):
     t, params_tx, task_tx, step = step_parts
     rng = np.random.default_rng(2)
-    entries = _entries(rng, n=2, task=2)
-    entries[1].task = 0
-    s, m = step(_state(t, params_tx, task_tx), t.frozen, _batch(rng, entries), jax.random.key(0),
-                False)  # fmt: skip
+    entries = _entries(rng, n=1, k=3, task=2)
+    batch = _batch(rng, entries, per=4)
+    batch["task"][1] = 0  # one mask of task 0 next to task-2 masks
+    s, m = step(_state(t, params_tx, task_tx), t.frozen, batch, jax.random.key(0), False)
     table = np.concatenate(_leaves(s["task"]))
     assert float(m["task_grad_norm"]) > 0
     assert np.abs(table[2]).max() > 0

@@ -22,12 +22,11 @@ from amsam_jax.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "train" / "configs" / "sum.py") + ":smoke"
-STEPS = "train.steps=8"
 
 
 def cmd(workdir: Path, *sets: str) -> list[str]:
     args = [sys.executable, "-m", "amsam_jax.train", "--config", SMOKE, "--workdir", str(workdir)]
-    for s in (STEPS, *sets):
+    for s in sets:
         args += ["--set", s]
     return args
 
