@@ -1,0 +1,54 @@
+"""Slow tier: regenerating the golden fixtures reproduces the committed ones (they cannot go stale).
+
+Runs `weights_conversion.make_golden` (official PyTorch segment-anything) into a temporary folder.
+State dicts, inputs and metadata must be identical; reference outputs equal to 1e-6 (bitwise on
+the machine that wrote them; the margin only absorbs another CPU's float reduction order, and is
+ten times tighter than the parity tolerance of tests/modeling/test_golden.py).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weights_conversion import make_golden
+
+pytestmark = pytest.mark.slow
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+MAX_FILE_BYTES = 1_000_000
+MAX_TOTAL_BYTES = 1_500_000
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> list[Path]:
+    return make_golden.make_golden(tmp_path_factory.mktemp("golden"))
+
+
+def test_regenerated_fixtures_equal_the_committed_arrays(fresh):
+    assert sorted(p.name for p in fresh) == sorted(p.name for p in GOLDEN.glob("*.npz"))
+    for path in fresh:
+        with np.load(path) as new, np.load(GOLDEN / path.name) as old:
+            assert new.files == old.files, path.name
+            for key in new.files:
+                a, b = new[key], old[key]
+                assert a.dtype == b.dtype and a.shape == b.shape, (path.name, key)
+                if key.startswith("out/") and a.dtype.kind == "f":
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=key)
+                else:
+                    np.testing.assert_array_equal(a, b, err_msg=f"{path.name} {key}")
+
+
+def test_committed_fixtures_were_made_with_the_installed_torch():
+    for path in GOLDEN.glob("*.npz"):
+        with np.load(path) as z:
+            assert json.loads(str(z["meta/versions"]))["torch"] == torch.__version__, path.name
+
+
+def test_each_fixture_is_under_1_mb_and_all_under_1_5_mb(fresh):
+    committed = sorted(GOLDEN.glob("*.npz"))
+    for path in [*committed, *fresh]:
+        assert path.stat().st_size < MAX_FILE_BYTES, (path.name, path.stat().st_size)
+    assert sum(p.stat().st_size for p in committed) < MAX_TOTAL_BYTES
