@@ -15,7 +15,10 @@ from amsam_jax.modeling.prompt_encoder import Embedding, PositionEmbeddingRandom
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.modeling.transformer import TwoWayTransformer
 
-# Global-attention block indices per official size (spec §1.1). Never derived from names.
+# SAM's pixel normalisation of 0-255 RGB inputs (ImageNet statistics).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+# Global-attention block indices per official size (docs/fewshot.md §1.1). Never derived from names.
 GLOBAL_ATTN_INDEXES = {
     "vit_b": (2, 5, 8, 11),
     "vit_l": (5, 11, 17, 23),
@@ -44,9 +47,9 @@ class SamConfig:
     decoder_mlp_dim: int = 2048
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    # SUM task prompt (spec §4): rows of the zero-initialised table; row 0 frozen at zero.
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
+    # SUM task prompt (docs/sum.md §4): rows of the zero-initialised table; row 0 frozen at zero.
     num_tasks: int = 4
     freeze_task0: bool = True
     # Compute dtype of the frozen image encoder ("float32" or "bfloat16"); params stay float32.

@@ -14,6 +14,7 @@ from flax import nnx
 from amsam_jax.build_sam import SamConfig, abstract_sam
 from amsam_jax.modeling.common import resize_bilinear, resize_linear
 from amsam_jax.modeling.sam import Sam
+from amsam_jax.utils.errors import AmsamError
 
 FORMAT = "amsam_jax.sam/1"
 
@@ -39,7 +40,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-class CheckpointError(Exception):
+class CheckpointError(AmsamError):
     """A converted-SAM directory that cannot be loaded; one line naming the path and problem."""
 
 
@@ -49,12 +50,15 @@ def abstract_state(cfg: SamConfig) -> nnx.State:
 
 
 def resize_pos_embed(x: np.ndarray, grid: int) -> np.ndarray:
-    """(1, g, g, C) -> (1, grid, grid, C): bilinear, half-pixel, no antialias (spec §2.3)."""
+    """(1, g, g, C) -> (1, grid, grid, C): bilinear, half-pixel, no antialias.
+
+    docs/fewshot.md §2.3.
+    """
     return np.asarray(resize_bilinear(jnp.asarray(x), (grid, grid), axes=(1, 2)))
 
 
 def resize_rel_pos(x: np.ndarray, length: int) -> np.ndarray:
-    """(L, hd) -> (length, hd): linear along the length axis only (spec §2.3)."""
+    """(L, hd) -> (length, hd): linear along the length axis only (docs/fewshot.md §2.3)."""
     return np.asarray(resize_linear(jnp.asarray(x), length, axis=0))
 
 
@@ -69,7 +73,9 @@ def torch_default_init(
 
 
 def adapt_sam(model: Sam, cfg: SamConfig, reinit_heads: bool = False, seed: int = 0) -> Sam:
-    """A copy of a converted SAM for another input size / number of mask tokens (spec §2.3).
+    """A copy of a converted SAM for another input size or number of mask tokens.
+
+    docs/fewshot.md §2.3.
 
     `pos_embed` is resized bilinearly and the global blocks' rel-pos tables linearly (half-pixel,
     no antialias); with `reinit_heads` (or a different number of mask tokens) the mask tokens,
@@ -191,11 +197,11 @@ def save_sam(model: Sam, cfg: SamConfig, sam_dir: str | os.PathLike, source: dic
     Args:
         model: the model (its full NNX state is saved).
         cfg: its config.
-        sam_dir: output directory; must not exist.
+        sam_dir: output directory; must not exist or be empty.
         source: provenance recorded in config.json (e.g. {"file": ..., "sha256": ...}).
     """
     sam_dir = Path(sam_dir).absolute()
-    if sam_dir.exists():
+    if sam_dir.exists() and any(sam_dir.iterdir()):
         raise CheckpointError(f"{sam_dir}: already exists")
     nested = jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
     save_params(sam_dir / PARAMS_DIR, nested)

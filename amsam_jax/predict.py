@@ -17,23 +17,23 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.checkpoint import CheckpointError, load_sam
+from amsam_jax.checkpoint import load_sam
+from amsam_jax.evaluation.plots import draw_overlay
 from amsam_jax.modeling.prompt_encoder import TASKS
 from amsam_jax.predictor import SamPredictor
-from amsam_jax.transforms import ImageReadError, read_image_rgb
+from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.image import read_image
 
 DEFAULT_SAM_DIR = "checkpoints/sam_vit_b"
 SAMPLE_IMAGE = "sample.jpg"
 # Prompts for the sample image: a box around the disc and a point on it.
 SAMPLE_BOX = (90.0, 115.0, 345.0, 370.0)
 SAMPLE_POINTS = ((217.0, 242.0, 1),)
-MASK_COLORS = ((30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60))
 
 
-class UsageError(Exception):
+class UsageError(AmsamError):
     """Bad command-line input; one line."""
 
 
@@ -77,25 +77,6 @@ def check_prompts(box, points, size: tuple[int, int]) -> None:
             raise UsageError(f"--point label {label:g}: must be 1 (foreground) or 0 (background)")
 
 
-def draw_overlay(image, masks, box, points, title: str) -> Image.Image:
-    """The image with masks tinted, the box outlined, points dotted and a title line."""
-    out = image.astype(np.float32)
-    for k, mask in enumerate(masks):
-        color = np.asarray(MASK_COLORS[k % len(MASK_COLORS)], np.float32)
-        out[mask] = 0.5 * out[mask] + 0.5 * color
-    img = Image.fromarray(out.round().astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    if box is not None:
-        draw.rectangle(list(box), outline=(0, 255, 0), width=3)
-    for x, y, label in points:
-        r = 6
-        fill = (0, 255, 0) if label == 1 else (255, 0, 0)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
-    draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
-    draw.text((3, 2), title, fill=(255, 255, 0))
-    return img
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m amsam_jax.predict",
@@ -130,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         box, points = list(SAMPLE_BOX), list(SAMPLE_POINTS)
     if box is None and not points:
         raise UsageError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y LABEL")
-    image = read_image_rgb(image_path)
+    image = read_image(image_path)
     check_prompts(box, points, image.shape[:2])
     model, weights = resolve_model(args.sam, args.demo, args.encoder_dtype)
     print(f"weights: {weights}", file=sys.stderr)
@@ -177,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (UsageError, ImageReadError, CheckpointError) as e:
+    except AmsamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for key, value in summary.items():

@@ -13,7 +13,7 @@ from flax import nnx
 
 from amsam_jax.modeling.prompt_encoder import task_id
 from amsam_jax.modeling.sam import Sam
-from amsam_jax.transforms import ResizeLongestSide
+from amsam_jax.utils.transforms import ResizeLongestSide
 
 
 @partial(jax.jit, static_argnums=0)

@@ -3,63 +3,14 @@
 Test-only: imports torch and segment_anything (the `test` extra).
 """
 
-from functools import partial
-
 import numpy as np
 import torch
 from flax import nnx
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
 from segment_anything.modeling.common import LayerNorm2d
 
 from amsam_jax.build_sam import SamConfig, abstract_sam
 from weights_conversion.convert_sam import convert_state_dict
-
-
-def build_official(cfg: SamConfig) -> Sam:
-    """segment_anything's Sam for `cfg` (same constructor arguments as its build_sam.py)."""
-    grid = cfg.grid_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg.encoder_depth,
-            embed_dim=cfg.encoder_embed_dim,
-            img_size=cfg.image_size,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-        pixel_mean=list(cfg.pixel_mean),
-        pixel_std=list(cfg.pixel_std),
-    ).eval()
+from weights_conversion.make_golden import build_official
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from PIL import Image
 from amsam_jax import SamConfig, build_sam
 from amsam_jax.checkpoint import save_sam
 from amsam_jax.predict import main
-from amsam_jax.transforms import ImageReadError, read_image_rgb
+from amsam_jax.utils.image import ImageReadError, read_image
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +104,16 @@ def _save(tmp_path, name, img: Image.Image, **kw):
 
 def test_read_image_converts_modes_to_rgb_uint8(tmp_path):
     gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
-    out = read_image_rgb(_save(tmp_path, "g.png", Image.fromarray(gray)))
+    out = read_image(_save(tmp_path, "g.png", Image.fromarray(gray)))
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8 and (out[..., 0] == gray).all()
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 7
-    out = read_image_rgb(_save(tmp_path, "a.png", Image.fromarray(rgba)))
+    out = read_image(_save(tmp_path, "a.png", Image.fromarray(rgba)))
     assert out.shape == (8, 8, 3) and (out[..., 0] == 200).all()
     pal = Image.fromarray(gray).convert("P")
-    assert read_image_rgb(_save(tmp_path, "p.png", pal)).shape == (8, 8, 3)
+    assert read_image(_save(tmp_path, "p.png", pal)).shape == (8, 8, 3)
     deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
-    out = read_image_rgb(_save(tmp_path, "d.png", Image.fromarray(deep)))
+    out = read_image(_save(tmp_path, "d.png", Image.fromarray(deep)))
     np.testing.assert_array_equal(out[..., 0], np.round(deep / 257.0).astype(np.uint8))
 
 
@@ -121,18 +121,18 @@ def test_read_image_applies_exif_rotation(tmp_path):
     img = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
-    out = read_image_rgb(_save(tmp_path, "r.jpg", img, exif=exif))
+    out = read_image(_save(tmp_path, "r.jpg", img, exif=exif))
     assert out.shape == (30, 10, 3)
 
 
 def test_read_image_errors_name_the_file(tmp_path):
     with pytest.raises(ImageReadError, match="nothere.png: no such file"):
-        read_image_rgb(tmp_path / "nothere.png")
+        read_image(tmp_path / "nothere.png")
     trunc = tmp_path / "t.png"
     good = _save(tmp_path, "good.png", Image.fromarray(np.zeros((50, 50, 3), np.uint8)))
     trunc.write_bytes(good.read_bytes()[:60])
     with pytest.raises(ImageReadError, match="t.png: cannot read image"):
-        read_image_rgb(trunc)
+        read_image(trunc)
 
 
 @pytest.mark.slow

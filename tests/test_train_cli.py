@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amsam_jax.configs import TrainConfig, apply_overrides
-from amsam_jax.data import make_synthetic_dataset
-from amsam_jax.train import load_config, main
+from amsam_jax.data.synthetic import make_synthetic_dataset
+from amsam_jax.fewshot.config import FewShotConfig
+from amsam_jax.fewshot.trainer import TRAINABLE, load_run_state
+from amsam_jax.sum.config import SumConfig
+from amsam_jax.train import main
+from amsam_jax.training.config import apply_overrides, load_config
+from amsam_jax.training.state import host_leaves
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "train" / "configs" / "am_sam.py") + ":smoke"
@@ -33,10 +37,8 @@ def run_train(workdir: Path, *sets: str, timeout: float = 900) -> subprocess.Com
 
 
 def trainable_of(workdir: Path, kind: str = "final") -> list[np.ndarray]:
-    from amsam_jax.trainer import load_run_state, trainable_leaves
-
     _, state, _ = load_run_state(workdir, kind)
-    return trainable_leaves(state)
+    return host_leaves(state, TRAINABLE)
 
 
 def test_help_and_config_overrides(capsys):
@@ -44,12 +46,12 @@ def test_help_and_config_overrides(capsys):
         main(["--help"])
     assert e.value.code == 0 and "--workdir" in capsys.readouterr().out
     cfg = apply_overrides(
-        load_config(SMOKE),
+        load_config(SMOKE, (FewShotConfig, SumConfig)),
         ["data.shots=6", "train.hypergradient=first_order", "calibration.alpha=0.5", "seed=3"],
     )
     assert cfg.data.shots == 6 and cfg.train.hypergradient == "first_order"
     assert cfg.calibration.alpha == 0.5 and cfg.seed == 3
-    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert FewShotConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
 @pytest.mark.parametrize(
@@ -165,9 +167,21 @@ def test_changed_config_on_existing_workdir_is_refused(uninterrupted, capsys):
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = tmp_path / "nan"
-    # A huge lower learning rate overflows the weights within the second epoch.
+    # A weight decay of lr * wd = 30 per step: the weights grow 30x per step and the loss
+    # overflows at step 2, the first step of the second epoch (after the epoch-1 save).
+    sets = ("train.epochs=3", "train.weight_decay=6e3", "train.hypergradient=first_order")
+    proc = run_train(workdir, *sets)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss at step 2") and "last good checkpoint" in last
+    assert f"{workdir / 'ckpt' / 'latest'} (step 2)" in last
+    assert not (workdir / "ckpt" / "final").exists()
+
+
+def test_nan_loss_before_the_first_save_says_no_checkpoint_exists(tmp_path):
+    workdir = tmp_path / "nan0"
     proc = run_train(workdir, "train.epochs=3", "train.lower_lr=1e36", "train.schedule=clean")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: non-finite loss at step") and "last good checkpoint" in last
-    assert not (workdir / "ckpt" / "final").exists()
+    assert last.startswith("error: non-finite loss at step 0") and "no checkpoint was saved" in last
+    assert "last good checkpoint" not in last and not (workdir / "ckpt").exists()

@@ -2,6 +2,8 @@
 
 import sys
 
+from weights_conversion import blo_sam_lora, convert_sam, convert_yolo
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -15,13 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in commands.items():
             print(f"  {name:12s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "sam":
-        from weights_conversion.convert_sam import main as command
-    elif argv[0] == "blo-sam-lora":
-        from weights_conversion.blo_sam_lora import main as command
-    else:
-        from weights_conversion.convert_yolo import main as command
-    return command(argv[1:])
+    command = {"sam": convert_sam, "blo-sam-lora": blo_sam_lora, "yolo": convert_yolo}[argv[0]]
+    return command.main(argv[1:])
 
 
 if __name__ == "__main__":

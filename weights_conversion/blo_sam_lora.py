@@ -21,7 +21,7 @@ list every index-coded name with its path. Other `mask_decoder.*` keys map throu
 `weights_conversion/mapping.py` (the SAM conversion table), inverted per path and checked.
 The reference has no LoRA scale (alpha / r = 1): a run with another scale is refused.
 
-Import writes `workdir/ckpt/<kind>` with `trainer.save_checkpoint` (step 0, fresh optimizer
+Import writes `workdir/ckpt/<kind>` with `training.state.save_state` (step 0, fresh optimizer
 states, meta naming the source file), so `python -m amsam_jax.evaluate --checkpoint <kind>`
 evaluates it and `--kind latest` warm-starts training from it. Strict as the SAM conversion: an
 unknown key, a missing tensor, a shape mismatch, a LoRA copy that differs from its index-coded
@@ -31,14 +31,23 @@ never trains it; masks do not depend on it) is left out of the comparison, repor
 """
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from amsam_jax.fewshot.config import FewShotConfig
+from amsam_jax.fewshot.trainer import build_setup
+from amsam_jax.training.run import read_run_config
+from amsam_jax.training.state import restore_state, save_state
+from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.io import sha256_file
+from weights_conversion.convert_sam import ConversionError, load_torch_state_dict
 from weights_conversion.mapping import Transform, target_of
 
 Path_ = tuple[str | int, ...]
@@ -56,7 +65,7 @@ FINAL_ATTENTION = {"q_proj": ("fati_qa", "fati_qb"), "v_proj": ("fati_va", "fati
 IOU_HEAD = (*DECODER, "iou_prediction_head")
 
 
-class InteropError(Exception):
+class InteropError(AmsamError):
     """A file or run that cannot be converted; one line."""
 
 
@@ -141,8 +150,6 @@ def torch_keys(depth: int, paths: list[Path_]) -> dict[str, tuple[Path_, Transfo
 
 
 def _flat(state) -> dict[Path_, np.ndarray]:
-    from flax import nnx
-
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
@@ -298,8 +305,7 @@ def _nest(values: dict[Path_, np.ndarray], paths) -> dict:
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    from weights_conversion.convert_sam import ConversionError, load_torch_state_dict
-
+    """The BLO-SAM LoRA file as float32 arrays by key."""
     try:
         return load_torch_state_dict(path)
     except ConversionError as e:
@@ -318,15 +324,7 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
 
 
 def _run_setup(workdir: Path):
-    import json
-
-    from amsam_jax.configs import TrainConfig
-    from amsam_jax.trainer import build_setup
-
-    cfg_path = workdir / "config.json"
-    if not cfg_path.is_file():
-        raise InteropError(f"{workdir}: no config.json (not a training workdir)")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    cfg = FewShotConfig.from_dict(read_run_config(workdir))
     if cfg.lora.alpha is not None and cfg.lora.alpha != cfg.lora.rank:
         raise InteropError(
             f"{workdir}: LoRA scale alpha/r = {cfg.lora.alpha / cfg.lora.rank:g}; BLO-SAM has none"
@@ -336,11 +334,9 @@ def _run_setup(workdir: Path):
 
 def export_workdir(workdir: str | os.PathLike, output: str | os.PathLike, kind: str = "best"):
     """Writes checkpoint `kind` of a run as a BLO-SAM LoRA file; returns {"keys", "output"}."""
-    from amsam_jax.trainer import restore_checkpoint
-
     workdir = Path(workdir).absolute()
     setup = _run_setup(workdir)
-    restored = restore_checkpoint(workdir, kind, setup.initial)
+    restored = restore_state(workdir, kind, setup.initial)
     if restored is None:
         raise InteropError(f"{workdir / 'ckpt' / kind}: no checkpoint")
     tensors = export_tensors(restored[0]["lower"], restored[0]["prompt"], setup.frozen)
@@ -360,12 +356,6 @@ def import_workdir(
     Returns:
         {"checkpoint": dir written, "notes": ignored entries}.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from amsam_jax.trainer import save_checkpoint
-
     workdir = Path(workdir).absolute()
     target = workdir / "ckpt" / kind
     if target.exists() and not overwrite:
@@ -387,11 +377,11 @@ def import_workdir(
         "prompt_opt": init["prompt_opt"],
         "step": jnp.asarray(0, jnp.int32),
     }
-    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    digest = sha256_file(source)
     meta = {"step": 0, "epoch": 0, "best_dice": 0.0, "imported_from": str(source), "sha256": digest}
     if target.exists():
         shutil.rmtree(target)
-    save_checkpoint(workdir, kind, state, meta)
+    save_state(workdir, kind, state, meta)
     return {"checkpoint": str(target), "notes": notes}
 
 
@@ -416,8 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         help="do not compare the file's frozen decoder tensors with the run's SAM",
     )
     args = parser.parse_args(argv)
-    from amsam_jax.trainer import TrainError
-
     try:
         if args.command == "export":
             result = export_workdir(args.workdir, args.output, args.kind)
@@ -425,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             result = import_workdir(
                 args.workdir, args.input, args.kind, args.overwrite, not args.skip_frozen_check
             )
-    except (InteropError, TrainError) as e:
+    except AmsamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for key, value in result.items():

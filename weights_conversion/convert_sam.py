@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from amsam_jax.boxes import sha256_file
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
 from amsam_jax.checkpoint import (
     CONFIG_FILE,
@@ -35,13 +34,15 @@ from amsam_jax.checkpoint import (
     save_params,
     torch_default_init,
 )
+from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.io import sha256_file
 from weights_conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
-class ConversionError(Exception):
+class ConversionError(AmsamError):
     """A checkpoint that cannot be converted; the message is one line naming the problem."""
 
 
@@ -170,7 +171,7 @@ class Step:
 
     key: str
     transform: Transform
-    resize: str | None  # "pos_embed", "rel_pos" (spec §2.3) or None
+    resize: str | None  # "pos_embed", "rel_pos" (docs/fewshot.md §2.3) or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +199,8 @@ def plan_conversion(
     """Maps checkpoint keys (by shape only) onto the NNX state of `build_sam(cfg)`.
 
     Strict: every source key must map, every target must be filled and every shape must fit
-    (after the spec §2.3 resizes of `pos_embed` and global rel-pos tables). All problems are
-    collected and raised together.
+    (after the docs/fewshot.md §2.3 resizes of `pos_embed` and global rel-pos tables). All problems
+    are collected and raised together.
 
     Args:
         shapes: torch key -> shape.
@@ -250,7 +251,7 @@ def plan_conversion(
             continue
         if path in ("pixel_mean", "pixel_std"):  # non-persistent torch buffers
             from_config.append(path)
-        elif path.startswith(TASK_PREFIX) and not has_task_table:  # SUM spec §4: zero-init
+        elif path.startswith(TASK_PREFIX) and not has_task_table:  # docs/sum.md §4: zero-init
             zero_filled.append(path)
         elif reinit_heads and path.startswith(HEAD_PREFIXES):
             reinitialized.append(path)

@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from amsam_jax.boxes import BoxError, YoloDetector, report_error
+from amsam_jax.boxes.detector import BoxError, YoloDetector
+from amsam_jax.utils.errors import AmsamError
 
 OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False"}
 
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = export_yolo(args.model, args.output, args.imgsz, args.dynamic)
-    except BoxError as e:
-        return report_error(e)
+    except AmsamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     detector = YoloDetector(path)
     batch = "dynamic" if args.dynamic else 1
     print(

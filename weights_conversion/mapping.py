@@ -78,7 +78,7 @@ MAPPING: dict[str, tuple[str, Transform]] = {
     r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.bias": (r"mask_decoder.iou_prediction_head.layers.\1.bias", Transform.NONE),
 }  # fmt: skip
 
-# The decoder heads whose shapes depend on the number of mask tokens (spec §2.3).
+# The decoder heads whose shapes depend on the number of mask tokens (docs/fewshot.md §2.3).
 HEAD_PREFIXES = (
     "mask_decoder.mask_tokens.",
     "mask_decoder.output_hypernetworks_mlps.",

@@ -69,7 +69,8 @@ class ConvTranspose2x2(nnx.Module):
     """ConvTranspose2d(kernel=2, stride=2, padding=0) as an einsum plus depth-to-space.
 
     The kernel is stored in PyTorch's (I, O, 2, 2) layout so conversion is a copy, and the maths is
-    exactly y[b, 2i+di, 2j+dj, o] = bias[o] + sum_c x[b, i, j, c] * W[c, o, di, dj] (spec §1.5).
+    exactly y[b, 2i+di, 2j+dj, o] = bias[o] + sum_c x[b, i, j, c] * W[c, o, di, dj]
+    (docs/fewshot.md §1.5).
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):

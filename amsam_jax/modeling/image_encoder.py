@@ -73,7 +73,8 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
         q_size: query side length.
         k_size: key side length.
         rel_pos: table (2 * max(q_size, k_size) - 1, C). Tables are resized at load time
-            (spec §2.3), so a mismatching length is an error here rather than a silent resize.
+            (docs/fewshot.md §2.3), so a mismatching length is an error here rather than a
+            silent resize.
 
     Returns:
         (q_size, k_size, C).

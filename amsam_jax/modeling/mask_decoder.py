@@ -68,7 +68,7 @@ class MaskDecoder(nnx.Module):
         )
 
     def upscale(self, src: Float[Array, "b g g c"]) -> Float[Array, "b l l c8"]:
-        """ConvT -> LayerNorm2d -> GELU -> ConvT -> GELU: U of the spec, (B, 4G, 4G, C/8)."""
+        """ConvT, LayerNorm2d, GELU, ConvT, GELU (docs/fewshot.md §1.4): (B, 4G, 4G, C/8)."""
         x = gelu(self.output_upscaling[1](self.output_upscaling[0](src)))
         return gelu(self.output_upscaling[2](x))
 

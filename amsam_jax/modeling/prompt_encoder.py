@@ -18,7 +18,7 @@ class Embedding(nnx.Module):
 
 
 class TaskParam(nnx.Param):
-    """A task-prompt embedding (SUM spec §4): its own Variable type, so optimisers and
+    """A task-prompt embedding (docs/sum.md §4): its own Variable type, so optimisers and
     partitions select it by type."""
 
 
@@ -115,7 +115,7 @@ class PromptEncoder(nnx.Module):
             ]
         )
         self.no_mask_embed = Embedding(1, embed_dim, rngs=rngs)
-        # SUM task prompt (spec §4), zero-initialised; absent from official SAM checkpoints.
+        # SUM task prompt (docs/sum.md §4), zero-initialised; absent from official SAM checkpoints.
         self.freeze_task0 = freeze_task0
         self.task_prompt_embedding = nnx.List([TaskEmbedding(embed_dim) for _ in range(num_tasks)])
 

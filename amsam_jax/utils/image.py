@@ -479,6 +479,17 @@ def image_size(source: Source, *, name: str | None = None) -> tuple[int, int]:
         return (w, h) if _orientation(img) in _SWAPS_AXES else (h, w)
 
 
+def has_alpha(source: Source, *, name: str | None = None) -> bool:
+    """Whether the file has an alpha channel or a transparency key (header only).
+
+    Raises:
+        ImageReadError: as `image_size`.
+    """
+    label = _label(source, name)
+    with _opened(source, label, "image") as img:
+        return img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+
+
 # ----------------------------------------------------------------------------------------------
 # Folders
 
@@ -524,8 +535,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     seen: dict[str, Path] = {}
     for p in found:
         if p.stem in seen:
-            raise FolderError(
-                folder, f"two images with the stem {p.stem!r}: {seen[p.stem].name} and {p.name}"
-            )
+            raise FolderError(p, f"duplicate image stem {p.stem!r} (also {seen[p.stem].name})")
         seen[p.stem] = p
     return found

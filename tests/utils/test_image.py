@@ -1,6 +1,8 @@
 """Tests of the one image reader, `amsam_jax.utils.image`: a file of every kind, built here."""
 
+import builtins
 import io
+import os
 import pickle
 import struct
 import threading
@@ -616,20 +618,20 @@ def test_unreadable_files(tmp_path, content, words):
     )
 
 
-def test_unreadable_permissions(tmp_path):
+def test_unreadable_permissions(tmp_path, monkeypatch):
+    """A file the process may not read (simulated: root reads every file, chmod cannot show it)."""
     path = save(Image.fromarray(RGB), tmp_path / "a.png")
-    path.chmod(0)
-    try:
-        try:
-            with path.open("rb"):
-                pytest.skip("this user reads files without read permission (root)")
-        except PermissionError:
-            pass
-        with pytest.raises(I.ImageReadError) as e:
-            I.read_image(path)
-        one_line_error(e, str(path), "cannot read image (Permission denied)")
-    finally:
-        path.chmod(0o644)
+    real_open = builtins.open
+
+    def open_denied(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_denied)
+    with pytest.raises(I.ImageReadError) as e:
+        I.read_image(path)
+    one_line_error(e, str(path), "cannot read image (Permission denied)")
 
 
 def test_error_is_one_amsam_error_and_pickles():
@@ -790,7 +792,7 @@ def test_list_images_duplicate_stem(tmp_path):
         touch_image(tmp_path / n)
     with pytest.raises(I.FolderError) as e:
         I.list_images(tmp_path)
-    one_line_error(e, str(tmp_path), "'x'", "x.PNG", "x.jpg")
+    one_line_error(e, str(tmp_path / "x.jpg"), "duplicate image stem 'x'", "also x.PNG")
 
 
 def test_suffixes_and_junk_constants():

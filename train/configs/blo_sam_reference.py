@@ -2,11 +2,11 @@
 
 BLO-SAM exactly as the released reference script (first-order, its schedules and quirks).
 Expected result: with converted SAM ViT-B weights (sam.checkpoint) and real data, the paper's
-numbers (spec §8); with random weights (the fallback here) Dice is only a pipeline check.
+numbers (docs/fewshot.md §8); with random weights (the fallback here) Dice is only a pipeline check.
 Append ':smoke' to the config path for a seconds-long check on a tiny random model.
 """
 
-from amsam_jax.recipes import blo_sam_reference
+from amsam_jax.fewshot.recipes import blo_sam_reference
 
 
 def get_config(arg: str | None = None):

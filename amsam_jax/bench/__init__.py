@@ -1,1 +1,0 @@
-"""Benchmarks: `python -m amsam_jax.bench <subcommand> --help`."""

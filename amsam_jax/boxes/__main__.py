@@ -1,0 +1,68 @@
+"""CLI: precompute YOLOv8 box prompts for a data folder (DIR/{train,test}/images).
+
+python -m amsam_jax.boxes --detector yolov8n.onnx --data data/tiktok --output boxes.json
+"""
+
+import argparse
+import sys
+
+from amsam_jax.boxes.box_file import FALLBACKS, SPLITS, compute_box_file, list_split_images
+from amsam_jax.boxes.detector import POLICIES, YoloDetector
+from amsam_jax.utils.errors import AmsamError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m amsam_jax.boxes",
+        description="Precompute YOLOv8 box prompts for a data folder (DIR/{train,test}/images).",
+    )
+    parser.add_argument("--detector", required=True, help="YOLOv8 ONNX export")
+    parser.add_argument("--data", required=True, help="data folder")
+    parser.add_argument("--split", default="all", choices=[*SPLITS, "all"])
+    parser.add_argument("--output", required=True, help="box file (JSON); resumed if it exists")
+    parser.add_argument("--classes", nargs="+", default=None, help="class names or ids to keep")
+    parser.add_argument("--conf", type=float, default=0.25, help="confidence threshold")
+    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    parser.add_argument("--policy", default="top1", choices=POLICIES)
+    parser.add_argument("--fallback", default="full_image", choices=FALLBACKS)
+    parser.add_argument("--imgsz", type=int, default=None, help="default: the export's")
+    parser.add_argument("--batch-size", type=int, default=None, help="dynamic-batch exports")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for flag, value in (("--conf", args.conf), ("--iou", args.iou)):
+        if not 0 <= value <= 1:
+            print(f"error: {flag}: {value} is not in [0, 1]", file=sys.stderr)
+            return 2
+    try:
+        paths = list_split_images(args.data, args.split)
+        detector = YoloDetector(args.detector, imgsz=args.imgsz, batch_size=args.batch_size)
+        data = compute_box_file(
+            detector,
+            paths,
+            args.output,
+            conf=args.conf,
+            iou=args.iou,
+            classes=args.classes,
+            policy=args.policy,
+            fallback=args.fallback,
+            progress=not args.no_progress,
+        )
+    except AmsamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    entries = [data["boxes"][p.stem] for p in paths]
+    fallbacks = sum(e["fallback"] for e in entries)
+    print(
+        f"{args.output}: {len(entries)} images, {fallbacks} without detection -> "
+        f"fallback {args.fallback} ({100 * fallbacks / len(entries):.1f}%); "
+        f"detector {detector.name} on {detector.providers[0]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

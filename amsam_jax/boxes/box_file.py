@@ -1,0 +1,271 @@
+"""The box file: every image's YOLO box prompt, computed once per dataset and resumable.
+
+A JSON file keyed by image stem (docs/fewshot.md §6.1). `compute_box_file` reuses entries whose
+detector settings and image SHA-256 match, and rewrites the file atomically as it goes, so a
+killed run resumes where it stopped.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from amsam_jax.boxes.detector import (
+    MAX_DET,
+    POLICIES,
+    BoxError,
+    Detections,
+    YoloDetector,
+    postprocess,
+    select_box,
+)
+from amsam_jax.boxes.geometry import Letterbox, letterbox
+from amsam_jax.utils.image import ImageReadError, list_images, read_image
+from amsam_jax.utils.io import sha256_bytes, write_json
+
+FALLBACKS = ("full_image", "none")
+SPLITS = ("train", "test")
+# Settings that must match for a box file entry to be reused.
+SETTING_KEYS = ("sha256", "imgsz", "conf", "iou", "classes", "policy", "fallback", "max_det")
+
+
+def list_split_images(data_dir: str | os.PathLike, split: str = "all") -> list[Path]:
+    """Lists `DIR/{train,test}/images/*`, sorted by file name within each split.
+
+    Args:
+        data_dir: the data folder.
+        split: "train", "test" or "all" (the splits that exist, train first).
+
+    Returns:
+        Image paths.
+
+    Raises:
+        BoxError: missing folder, no images, or two images with the same stem (their box file
+            keys would collide).
+    """
+    data_dir = Path(data_dir)
+    if split not in (*SPLITS, "all"):
+        raise BoxError(data_dir, f"unknown split {split!r}; expected train, test or all")
+    splits = SPLITS if split == "all" else (split,)
+    folders = [data_dir / s / "images" for s in splits]
+    if split == "all":
+        folders = [f for f in folders if f.is_dir()]
+        if not folders:
+            raise BoxError(data_dir, "no train/images or test/images folder")
+    paths, seen = [], {}
+    for folder in folders:
+        try:
+            found = list_images(folder)
+        except ImageReadError as e:
+            raise BoxError(e.path, e.problem) from None
+        for p in found:
+            if p.stem in seen:  # across splits: box file keys are stems
+                raise BoxError(p, f"duplicate image stem {p.stem!r} (also {seen[p.stem]})")
+            seen[p.stem] = p
+        paths += found
+    return paths
+
+
+def _entry(
+    detections: Detections, image_shape: tuple[int, int], sha: str, policy: str, fallback: str
+) -> dict[str, Any]:
+    selected = select_box(detections, policy)
+    if selected is None:
+        h, w = image_shape
+        box = [0.0, 0.0, float(w), float(h)] if fallback == "full_image" else None
+        entry = {"box": box, "score": 0.0, "class": -1, "fallback": True}
+    else:
+        box, score, cls = selected
+        entry = {"box": [float(v) for v in box], "score": score, "class": cls, "fallback": False}
+    if policy == "all":
+        entry["boxes_all"] = [
+            {"box": [float(v) for v in b], "score": float(s), "class": int(c)}
+            for b, s, c in zip(detections.boxes, detections.scores, detections.classes, strict=True)
+        ]
+    entry["image_sha256"] = sha
+    return entry
+
+
+def load_box_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a box file written by `compute_box_file`.
+
+    Returns:
+        {"detector": {...}, "boxes": {stem: {"box", "score", "class", "fallback", ...}}}.
+
+    Raises:
+        BoxError: missing file, invalid JSON or not a box file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BoxError(path, "no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BoxError(path, f"not a JSON box file ({e})") from e
+    if not (isinstance(data, dict) and isinstance(data.get("detector"), dict)):
+        raise BoxError(path, "not a box file (no 'detector' section)")
+    if not isinstance(data.get("boxes"), dict):
+        raise BoxError(path, "not a box file (no 'boxes' section)")
+    return data
+
+
+def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes atomically (temporary file + `os.replace`): a killed run leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, data, indent=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    path: Path
+    sha: str
+    image_shape: tuple[int, int] | None  # None: reused, not decoded
+    boxed: np.ndarray | None
+    geometry: Letterbox | None
+
+
+def _prefetch(
+    paths: Sequence[Path], load: Callable[[Path], _Loaded], depth: int
+) -> Iterator[_Loaded]:
+    """Runs `load` on the next `depth` paths in one worker thread while the caller infers."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque[Future] = deque()
+        for path in paths:
+            pending.append(pool.submit(load, path))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def compute_box_file(
+    detector: str | os.PathLike | YoloDetector,
+    image_paths: Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    *,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    classes: Sequence[str | int] | None = None,
+    policy: str = "top1",
+    fallback: str = "full_image",
+    max_det: int = MAX_DET,
+    progress: bool = False,
+    save_every: float = 30.0,
+) -> dict[str, Any]:
+    """Computes (or completes) the box file of a set of images.
+
+    Entries of an existing `output` whose image SHA-256 matches are reused; its detector settings
+    (model SHA-256, imgsz, thresholds, classes, policy, fallback, max_det) must match. The file is
+    rewritten atomically every `save_every` seconds and when the run stops, also on an error.
+
+    Args:
+        detector: a YoloDetector or a path to the ONNX export.
+        image_paths: images; their stems are the keys and must be unique.
+        output: box file to resume and write; None computes in memory only.
+        conf: confidence threshold.
+        iou: NMS IoU threshold.
+        classes: class names or ids to keep; None keeps all.
+        policy: "top1", "union" or "all" (see `select_box`; "all" adds "boxes_all").
+        fallback: box for an image with no detection: "full_image" ([0, 0, W, H]) or "none" (null).
+        max_det: kept boxes per image at most.
+        progress: show a progress bar on stderr.
+        save_every: seconds between intermediate saves.
+
+    Returns:
+        The box file: {"detector": {...}, "boxes": {stem: entry}}.
+
+    Raises:
+        BoxError: a bad detector, image or existing box file.
+    """
+    if policy not in POLICIES:
+        raise BoxError(output or "<boxes>", f"unknown policy {policy!r}; expected {POLICIES}")
+    if fallback not in FALLBACKS:
+        raise BoxError(output or "<boxes>", f"unknown fallback {fallback!r}; expected {FALLBACKS}")
+    if not isinstance(detector, YoloDetector):
+        detector = YoloDetector(detector)
+    class_ids = detector.resolve_classes(classes)
+    header = {
+        "name": detector.name,
+        "sha256": detector.sha256,
+        "metadata": detector.metadata,
+        "imgsz": list(detector.imgsz),
+        "conf": conf,
+        "iou": iou,
+        "classes": class_ids,
+        "policy": policy,
+        "fallback": fallback,
+        "max_det": max_det,
+        "input": "original image, EXIF-transposed, RGB uint8",
+    }
+    paths = [Path(p) for p in image_paths]
+    stems = {}
+    for p in paths:
+        if p.stem in stems:
+            raise BoxError(p, f"duplicate image stem {p.stem!r} (also {stems[p.stem]})")
+        stems[p.stem] = p
+    data = {"detector": header, "boxes": {}}
+    if output is not None and Path(output).exists():
+        old = load_box_file(output)
+        header_json = json.loads(json.dumps(header))  # tuples and int keys as stored
+        diff = [k for k in SETTING_KEYS if old["detector"].get(k) != header_json[k]]
+        if diff:
+            raise BoxError(
+                output,
+                f"made with other detector settings ({', '.join(diff)}); use another --output",
+            )
+        data["boxes"] = old["boxes"]
+    boxes = data["boxes"]
+
+    def load(path: Path) -> _Loaded:
+        if not path.is_file():
+            raise BoxError(path, "no such file")
+        raw = path.read_bytes()
+        sha = sha256_bytes(raw)
+        if boxes.get(path.stem, {}).get("image_sha256") == sha:
+            return _Loaded(path, sha, None, None, None)
+        try:
+            image = read_image(raw, name=str(path))
+        except ImageReadError as e:
+            raise BoxError(e.path, e.problem) from None
+        boxed, geometry = letterbox(image, detector.imgsz)
+        return _Loaded(path, sha, image.shape[:2], boxed, geometry)
+
+    def flush(batch: list[_Loaded]) -> None:
+        raw = detector.run(np.stack([item.boxed for item in batch]))
+        for pred, item in zip(raw, batch, strict=True):
+            det = postprocess(pred, item.geometry, conf, iou, class_ids, max_det)
+            boxes[item.path.stem] = _entry(det, item.image_shape, item.sha, policy, fallback)
+
+    last_save = time.monotonic()
+    batch: list[_Loaded] = []
+    bar = tqdm(total=len(paths), disable=not progress, unit="img", desc="boxes")
+    try:
+        for item in _prefetch(paths, load, depth=2 * detector.batch_size):
+            if item.boxed is not None:
+                batch.append(item)
+            if len(batch) == detector.batch_size:
+                flush(batch)
+                bar.update(len(batch))
+                batch = []
+            if item.boxed is None:
+                bar.update(1)
+            if output is not None and time.monotonic() - last_save > save_every:
+                write_box_file(data, output)
+                last_save = time.monotonic()
+        if batch:
+            flush(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if output is not None:
+            write_box_file(data, output)
+    return data

@@ -1,0 +1,49 @@
+"""TikTok dances (Kaggle "Segmentation Full Body TikTok Dancing Dataset") as a tfds builder."""
+
+from pathlib import Path
+
+from amsam_jax.data.folder import Sample, pair_images_and_masks
+from amsam_jax.data.tfds.base import (
+    SegmentationBuilder,
+    SegmentationConfig,
+    find_root,
+)
+
+
+class Tiktok(SegmentationBuilder):
+    """TikTok dances: 2,615 full-body person masks; last 2,000 sorted = test, first 615 = train.
+
+    Manual download: Kaggle dataset "Segmentation Full Body TikTok Dancing Dataset"
+    (tapakah68/segmentation-full-body-tiktok-dancing-dataset). Unzip it and pass the folder as
+    `manual_dir`; it (or its single extracted subfolder, e.g.
+    `segmentation_full_body_tik_tok_2615_img/`) must hold::
+
+        images/<name>.png    2,615 frames
+        masks/<name>.png     one mask per frame, same file name (value > 0 = person)
+
+    Other files (`df.csv`, ...) are ignored. Splits (docs/fewshot.md §4.2): file names sorted in
+    plain string order; the last 2,000 are "test", the first 615 the "train" pool from which the
+    few-shot sets take their first N.
+    """
+
+    name = "tiktok"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Download the Kaggle dataset tapakah68/segmentation-full-body-tiktok-dancing-dataset, "
+        "unzip it and pass the folder holding images/ and masks/ (or its parent) as manual_dir."
+    )
+    HOMEPAGE = (
+        "https://www.kaggle.com/datasets/tapakah68/segmentation-full-body-tiktok-dancing-dataset"
+    )
+    BUILDER_CONFIGS = [
+        SegmentationConfig(
+            name="paper",
+            description="Last 2,000 sorted images = test, first 615 = train (AM-SAM, BLO-SAM).",
+            num_test=2000,
+            split_sizes=(("train", 615), ("test", 2000)),
+        )
+    ]
+
+    def split_samples(self, manual_dir: Path) -> dict[str, list[Sample]]:
+        root = find_root(manual_dir, ("images", "masks"))
+        samples = pair_images_and_masks(root / "images", root / "masks")
+        return self.cut_sorted_pool(samples, root)

@@ -1,0 +1,120 @@
+"""Run artefacts as images: loss and metric curves, and mask overlays.
+
+Matplotlib is used through its object-oriented `Figure` API (no pyplot, no global backend), so
+plotting never depends on a display or on process-wide state.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+MASK_COLORS = ((30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60))
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """plots/curves.png of a few-shot run: lower/upper loss per iteration, D2 Dice per epoch."""
+    its = [r for r in records if r.get("kind") == "iteration"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig = Figure(figsize=(10, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
+    if its:
+        steps = [r["step"] for r in its]
+        ax1.plot(steps, [r["lower_loss"] for r in its], label="lower (D1)")
+        ax1.plot(steps, [r["upper_loss"] for r in its], label="upper (D2)")
+        ax1.legend()
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("loss")
+    if epochs:
+        ax2.plot([r["epoch"] for r in epochs], [r["d2_dice"] for r in epochs], marker="o")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("D2 Dice (%)")
+    _save(fig, path)
+
+
+def plot_sum_curves(records: list[dict], path: Path) -> None:
+    """plots/curves.png of a SUM run: the human and pseudo-label losses per iteration."""
+    its = [r for r in records if r.get("kind") == "iteration"]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for name in ("human", "pseudo", "joint"):
+        pts = [(r["step"], r[f"{name}_loss"]) for r in its if f"{name}_loss" in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (mean over rounds)")
+    if its:
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_metric_vs_clicks(summary: dict, path: Path) -> None:
+    """A PNG of mIoU and mBIoU (%) against the number of clicks (`interactive.summarize`)."""
+    clicks = np.arange(1, len(summary["miou"]) + 1)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.plot(clicks, summary["miou"], marker="o", label="mIoU")
+    ax.plot(clicks, summary["mbiou"], marker="s", label="mBIoU")
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("%")
+    ax.set_xticks(clicks)
+    ax.legend()
+    _save(fig, path)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 64)) -> np.ndarray:
+    """uint8 image with `mask` tinted (image in [0, 1] or 0..255 floats, or uint8)."""
+    img = np.asarray(image, np.float32)
+    if img.max() <= 1.5:
+        img = img * 255.0
+    img = np.clip(img, 0, 255)
+    out = img.copy()
+    out[mask] = 0.5 * img[mask] + 0.5 * np.asarray(color, np.float32)
+    return out.round().astype(np.uint8)
+
+
+def write_samples(split, preds: np.ndarray, out_dir: Path, count: int) -> list[Path]:
+    """samples/<stem>.png: image | ground truth | prediction, at the model input resolution."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, stem in enumerate(split.stems[:count]):
+        image = split.image[i]
+        size = image.shape[0]
+        scale = size // preds.shape[-1]
+        pred = np.kron(preds[i], np.ones((scale, scale), preds.dtype)) > 0
+        gt = np.kron(split.label_low[i], np.ones((scale, scale), split.label_low.dtype)) > 0
+        panel = np.concatenate(
+            [overlay(image, np.zeros_like(gt)), overlay(image, gt, (64, 255, 64)),
+             overlay(image, pred)], axis=1
+        )  # fmt: skip
+        path = out_dir / f"{stem}.png"
+        Image.fromarray(panel).save(path)
+        paths.append(path)
+    return paths
+
+
+def draw_overlay(image, masks, box, points, title: str) -> Image.Image:
+    """The image with masks tinted, the box outlined, points dotted and a title line."""
+    out = image.astype(np.float32)
+    for k, mask in enumerate(masks):
+        color = np.asarray(MASK_COLORS[k % len(MASK_COLORS)], np.float32)
+        out[mask] = 0.5 * out[mask] + 0.5 * color
+    img = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    if box is not None:
+        draw.rectangle(list(box), outline=(0, 255, 0), width=3)
+    for x, y, label in points:
+        r = 6
+        fill = (0, 255, 0) if label == 1 else (255, 0, 0)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
+    draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
+    draw.text((3, 2), title, fill=(255, 255, 0))
+    return img

@@ -1,0 +1,104 @@
+"""The few-shot recipe's settings (AM-SAM, BLO-SAM, SAMed): frozen dataclasses, one per section.
+
+`python -m amsam_jax.train --config train/configs/am_sam.py --set train.epochs=10` overrides any
+field with its dotted path (`training.config.apply_overrides`); docs/fewshot.md §7 lists them.
+"""
+
+import dataclasses
+import json
+from typing import Any
+
+from amsam_jax.training.config import SamSection, from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: str | None = None  # folder format DIR/{train,test}/{images,masks}; None: bundled synthetic
+    shots: int = 4
+    seed: int | None = (
+        None  # None: first N of the sorted pool (docs/fewshot.md §4.2); int: seeded subset
+    )
+    sam_pixel_norm: bool = (
+        False  # docs/fewshot.md §2.4: the reference feeds [0, 1] images unnormalised
+    )
+    test_split: str = "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 4
+    alpha: float | None = None  # None: scale 1 (the reference)
+    train_iou_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    epochs: int = 100
+    batch_size: int = 1
+    hypergradient: str = "exact"  # exact | first_order | darts_fd | none (no upper level)
+    bilevel: bool = True  # False (SAMed): lower level on all shots, prompt frozen
+    lower_lr: float = 5e-3
+    upper_lr: float = 1e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    power: float = 0.9
+    schedule: str = "clean"  # clean | reference (docs/fewshot.md §5.2)
+    warmup: bool = False
+    warmup_period: int = 250
+    upper_batch: str = "cycle"  # cycle | first (reference)
+    dice_weight: float = 0.8
+    hypergradient_clip: float | None = None
+    exact_jacobian: str = "adam"  # adam | sgd
+    exact_extra_lookahead: bool = False
+    fd_radius: float = 0.01
+    fd_accumulate_bug: bool = False
+    fd_step1_bias: bool = False
+    fd_reference_b1: bool = False
+    fd_final_attn_quirk: bool = False
+    checkpoint_every: int = 0  # extra `latest` saves every N iterations (0: none mid-epoch)
+    # `latest` at an epoch end once this many seconds passed since the last save (0: every epoch).
+    # A killed run replays from it deterministically, so the result does not depend on it.
+    checkpoint_every_s: float = 30.0
+    num_samples: int = 4  # overlays written to samples/
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxesConfig:
+    file: str | None = None  # box file (python -m amsam_jax.boxes); None: no box prompts
+    detector: str | None = None  # YOLOv8 ONNX: compute (or reuse) the box file before training
+    residual: bool = False  # reading (B) of docs/fewshot.md §6.2: learn an offset on the box tokens
+    conf: float = 0.25
+    iou: float = 0.7
+    classes: tuple[str, ...] | None = None
+    fallback: str = "full_image"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    enabled: bool = True
+    alpha: float = 0.7
+    average: str = "batch"  # batch (literal Eq. 11) | sample
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotConfig:
+    name: str = "am_sam"
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    sam: SamSection = SamSection()
+    lora: LoraConfig = LoraConfig()
+    train: TrainSection = TrainSection()
+    boxes: BoxesConfig = BoxesConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FewShotConfig":
+        return from_dict(cls, d)

@@ -1,0 +1,347 @@
+"""The few-shot trainer (AM-SAM / BLO-SAM / SAMed): data, cached embeddings, the bi-level loop.
+
+    python -m amsam_jax.train --config train/configs/am_sam.py --workdir runs/am_sam
+
+The run machinery (config guard, resume, metrics, checkpoints, NaN stop) is `training.run`; the
+bi-level step is `fewshot.blo` (docs/fewshot.md §5). A killed run resumed from `latest` replays
+deterministically: it ends with the same parameters as an uninterrupted one.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from amsam_jax.boxes.box_file import compute_box_file, list_split_images, load_box_file
+from amsam_jax.build_sam import SamConfig
+from amsam_jax.data.folder import list_samples
+from amsam_jax.data.synthetic import bundled_synthetic_dir
+from amsam_jax.evaluation.fewshot import evaluate_fewshot, predict_masks
+from amsam_jax.evaluation.plots import plot_curves, write_samples
+from amsam_jax.fewshot.blo import BoxResidual, StepConfig, TrainingModel, make_step, split_trainable
+from amsam_jax.fewshot.config import FewShotConfig
+from amsam_jax.fewshot.lora import apply_lora, count_params, mark_trainable
+from amsam_jax.fewshot.preprocessing import (
+    Preprocessing,
+    Split,
+    boxes_for,
+    load_split,
+    select_few_shot,
+    split_d1_d2,
+)
+from amsam_jax.training.embedder import Embedder
+from amsam_jax.training.prompt_decoder import PromptDecoder
+from amsam_jax.training.run import JsonlWriter, Run, TrainError, log, read_run_config
+from amsam_jax.training.sam import resolve_sam
+from amsam_jax.training.state import clone_state, restore_state
+
+CHECKPOINT_KINDS = ("latest", "best", "final")
+
+
+def schedules(t: FewShotConfig, total: int):
+    """(lower_lr(k), upper_lr(k), lower beta1) per docs/fewshot.md §5.2 (clean or reference)."""
+    tr = t.train
+    base, upper_base, p = tr.lower_lr, tr.upper_lr, tr.power
+
+    def poly(lr, k):
+        return lr * jnp.maximum(1.0 - k / total, 0.0) ** p
+
+    if tr.schedule == "clean":
+        if tr.warmup:
+            w = tr.warmup_period
+
+            def lower(k):
+                k = jnp.asarray(k, jnp.float32)
+                return jnp.where(k < w, base * (k + 1) / w, poly(base, k - w))
+        else:
+
+            def lower(k):
+                return poly(base, jnp.asarray(k, jnp.float32))
+
+        def upper(k):
+            return poly(upper_base, jnp.asarray(k, jnp.float32))
+
+        return lower, upper, tr.b1
+    if tr.schedule == "reference":
+
+        def lower(k):
+            k = jnp.asarray(k, jnp.float32)
+            return jnp.where(k == 0, base / 25.0, poly(base, k - 1))
+
+        def upper(k):  # the lower base lr after step 0 (reference bug)
+            k = jnp.asarray(k, jnp.float32)
+            return jnp.where(k == 0, upper_base, poly(base, k - 1))
+
+        return lower, upper, 0.95  # OneCycleLR's constructor leaves beta1 at its max momentum
+    raise TrainError(f"train.schedule must be 'clean' or 'reference', got {tr.schedule!r}")
+
+
+def step_config(cfg: FewShotConfig) -> StepConfig:
+    """The static settings of the bi-level step from a run's config."""
+    tr, cal = cfg.train, cfg.calibration
+    return StepConfig(
+        hypergradient=tr.hypergradient if tr.bilevel else "none",
+        dice_weight=tr.dice_weight,
+        calibration=cal.enabled,
+        calibration_alpha=cal.alpha,
+        calibration_average=cal.average,
+        hypergradient_clip=tr.hypergradient_clip,
+        exact_jacobian=tr.exact_jacobian,
+        exact_extra_lookahead=tr.exact_extra_lookahead,
+        weight_decay=tr.weight_decay,
+        b1=tr.b1,
+        b2=tr.b2,
+        eps=tr.eps,
+        fd_radius=tr.fd_radius,
+        fd_accumulate_bug=tr.fd_accumulate_bug,
+        fd_step1_bias=tr.fd_step1_bias,
+        fd_reference_b1=tr.fd_reference_b1,
+        fd_final_attn_quirk=tr.fd_final_attn_quirk,
+    )
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run (or an evaluation of its checkpoints) builds before iterating."""
+
+    cfg: FewShotConfig
+    sam_cfg: SamConfig
+    weights: str
+    graphdef: Any
+    frozen: Any
+    initial: dict
+    step_cfg: StepConfig
+    d1: Split
+    d2: Split
+    lower_tx: Any
+    upper_tx: Any
+    step_fn: Any
+    total_steps: int
+    iters_per_epoch: int
+    box_note: str
+    sam: Any
+    embedder: Embedder
+    preprocessing: Preprocessing
+
+
+def data_dir_of(cfg: FewShotConfig) -> Path:
+    """`data.dir`, or the bundled synthetic few-shot set."""
+    return Path(cfg.data.dir) if cfg.data.dir else bundled_synthetic_dir()
+
+
+def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup:
+    """Resolves weights, loads and caches data, builds the partitioned model and step."""
+    say = (lambda m: None) if quiet else log
+    prep = Preprocessing(size=cfg.sam.image_size, sam_pixel_norm=cfg.data.sam_pixel_norm)
+    data_dir = data_dir_of(cfg)
+    pool = list_samples(data_dir, "train")
+    shots = select_few_shot(pool, cfg.data.shots, cfg.data.seed)
+    if cfg.train.bilevel:
+        d1_samples, d2_samples = split_d1_d2(shots)
+    else:  # SAMed: the lower level sees all shots; D2 (= all) only selects the checkpoint
+        d1_samples, d2_samples = shots, shots
+    d1, d2 = load_split(d1_samples, prep), load_split(d2_samples, prep)
+    say(f"data: {data_dir} | {len(shots)} shots -> D1 {len(d1.stems)}, D2 {len(d2.stems)}")
+    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
+    say(f"sam: {weights}")
+
+    embedder = Embedder(sam.image_encoder, weights_key)
+    for split in (d1, d2):
+        split.embedding = embedder.embed(split.image, prep.key())
+    stats = embedder.cache.stats
+    say(f"embeddings: {stats.hits} cached, {stats.misses} computed ({embedder.cache.cache_dir})")
+
+    box_note = "box prompts: off (no boxes.file / boxes.detector)"
+    box_file_path = cfg.boxes.file
+    if cfg.boxes.detector:
+        box_file_path = str(ensure_box_file(cfg, data_dir, workdir))
+    if box_file_path:
+        box_file = load_box_file(box_file_path)
+        for split in (d1, d2):
+            split.boxes = boxes_for(split, box_file, box_file_path, sam_cfg.image_size)
+        entries = [box_file["boxes"][s] for s in d1.stems + d2.stems]
+        rate = float(np.mean([bool(e.get("fallback")) for e in entries]))
+        box_note = f"box prompts: {box_file_path} (fallback rate {100 * rate:.1f}%)"
+    say(box_note)
+
+    apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, seed=cfg.seed)
+    mark_trainable(sam, train_iou_head=cfg.lora.train_iou_head)
+    residual = BoxResidual(sam_cfg.prompt_embed_dim) if cfg.boxes.residual else None
+    trainable = split_trainable(TrainingModel(PromptDecoder(sam), residual))
+    say(
+        f"trainable: lower {count_params(trainable.lower):,} | prompt "
+        f"{count_params(trainable.prompt):,} | frozen {count_params(trainable.frozen):,}"
+    )
+    iters = math.ceil(len(d1.stems) / cfg.train.batch_size)
+    total = cfg.train.epochs * iters
+    lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
+    scfg = step_config(cfg)
+    step_fn, lower_tx, upper_tx = make_step(trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1)
+    initial = {
+        "lower": trainable.lower,
+        "prompt": trainable.prompt,
+        "lower_opt": lower_tx.init(trainable.lower),
+        "prompt_opt": upper_tx.init(trainable.prompt),
+        "step": jnp.asarray(0, jnp.int32),
+    }
+    return Setup(
+        cfg, sam_cfg, weights, trainable.graphdef, trainable.frozen, initial, scfg, d1, d2,
+        lower_tx, upper_tx, step_fn, total, iters, box_note, sam, embedder, prep,
+    )  # fmt: skip
+
+
+def ensure_box_file(cfg: FewShotConfig, data_dir: Path, workdir: Path) -> Path:
+    """Computes (or reuses, keyed by detector and image hashes) the run's box file."""
+    return detect_into(cfg, list_split_images(data_dir, "all"), workdir / "boxes.json")
+
+
+def detect_into(cfg: FewShotConfig, paths: list[Path], out: Path) -> Path:
+    """The box file `out` of `paths` with the run's detector settings (`boxes.*`)."""
+    compute_box_file(
+        cfg.boxes.detector,
+        paths,
+        out,
+        conf=cfg.boxes.conf,
+        iou=cfg.boxes.iou,
+        classes=list(cfg.boxes.classes) if cfg.boxes.classes else None,
+        fallback=cfg.boxes.fallback,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(
+    cfg: FewShotConfig, workdir: str | os.PathLike, writer: JsonlWriter | None = None
+) -> dict:
+    """Runs (or resumes) a training run in `workdir`.
+
+    Returns:
+        summary: best D2 Dice, steps, weights description, paths.
+    """
+    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
+    workdir = run.workdir
+    setup = build_setup(cfg, workdir)
+    state = clone_state(setup.initial)
+    meta = {"step": 0, "epoch": 0, "best_dice": 0.0}
+    restored = run.restore(setup.initial)
+    if restored is not None:
+        state, meta = restored
+        log(f"resume: from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
+    writer = writer or run.metrics(meta["step"] if restored is not None else None)
+    summary = run.summary()
+    if int(meta["step"]) >= setup.total_steps and summary is not None:
+        log(f"resume: the run in {workdir} is already complete ({meta['step']} steps)")
+        return summary
+    n1, n2 = len(setup.d1.stems), len(setup.d2.stems)
+    bs = cfg.train.batch_size
+    n2_batches = math.ceil(n2 / bs)
+    step = int(meta["step"])
+    best = float(meta["best_dice"])
+    frozen = setup.frozen
+    while step < setup.total_steps:
+        epoch = step // setup.iters_per_epoch
+        bar = tqdm(
+            total=setup.iters_per_epoch,
+            initial=step % setup.iters_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            file=sys.stderr,
+            leave=False,
+            disable=None,
+        )
+        while step < (epoch + 1) * setup.iters_per_epoch:
+            i = step % setup.iters_per_epoch
+            idx1 = np.arange(i * bs, min((i + 1) * bs, n1))
+            j = 0 if cfg.train.upper_batch == "first" else step % n2_batches
+            idx2 = np.arange(j * bs, min((j + 1) * bs, n2))
+            t0 = time.perf_counter()
+            state, metrics = setup.step_fn(
+                state, frozen, setup.d1.batch(idx1), setup.d2.batch(idx2)
+            )
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - t0
+            guarded = {k: v for k, v in metrics.items() if k.endswith("loss")}
+            guarded["hypergradient_norm"] = metrics["hypergradient_norm"]
+            if not all(math.isfinite(v) for v in guarded.values()):
+                bar.close()
+                run.check_finite(guarded, f"step {step}")  # raises, naming what can be resumed
+            step += 1
+            writer.write({"kind": "iteration", "step": step, "epoch": epoch, **metrics,
+                          "step_time_s": elapsed})  # fmt: skip
+            bar.set_postfix(loss=f"{metrics['lower_loss']:.4f}")
+            bar.update(1)
+            every = cfg.train.checkpoint_every
+            if every and step % every == 0 and step % setup.iters_per_epoch:  # epoch ends below
+                run.save("latest", state, {**meta, "step": step, "epoch": epoch})
+        # End of epoch: D2 Dice, best (strictly greater), latest.
+        result = evaluate_fewshot(
+            setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data()
+        )
+        dice = result["dice"]
+        bar.set_postfix(loss=f"{metrics['lower_loss']:.4f}", d2_dice=f"{dice:.2f}")
+        bar.close()
+        log(
+            f"epoch {epoch + 1}/{cfg.train.epochs}: lower loss {metrics['lower_loss']:.4f} "
+            f"upper loss {metrics['upper_loss']:.4f} D2 Dice {dice:.2f}"
+        )
+        meta = {"step": step, "epoch": epoch + 1, "best_dice": best}
+        if dice > best:
+            best = dice
+            meta["best_dice"] = best
+            run.save("best", state, {**meta, "d2_dice": dice})
+        writer.write({"kind": "epoch", "step": step, "epoch": epoch + 1, "d2_dice": dice,
+                      "d2_iou": result["iou"], "best_d2_dice": best})  # fmt: skip
+        run.save_latest(state, meta, force=step >= setup.total_steps)
+
+    run.save("final", state, {**meta, "step": step})
+    if not (workdir / "ckpt" / "best").exists():  # no epoch beat 0: best is the final state
+        run.save("best", state, {**meta, "step": step})
+    plot_curves(writer.records(), workdir / "plots" / "curves.png")
+    preds = evaluate_predictions(setup, state)
+    write_samples(setup.d2, preds, workdir / "samples", cfg.train.num_samples)
+    final = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data())
+    summary = {
+        "workdir": str(workdir),
+        "weights": setup.weights,
+        "boxes": setup.box_note,
+        "steps": step,
+        "best_d2_dice": best,
+        "final_d2_dice": float(final["dice"]),
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def evaluate_predictions(setup: Setup, state: dict) -> np.ndarray:
+    """Argmax predictions of the D2 images under `state`."""
+    return predict_masks(setup.graphdef, setup.step_cfg, state, setup.frozen, setup.d2.eval_data())
+
+
+TRAINABLE = ("lower", "prompt")
+
+
+def load_run_state(workdir: str | os.PathLike, kind: str = "best") -> tuple[Setup, dict, dict]:
+    """Rebuilds a run's setup from its config and restores checkpoint `kind`.
+
+    Raises:
+        TrainError: not a few-shot workdir, or no such checkpoint.
+    """
+    workdir = Path(workdir).absolute()
+    cfg = FewShotConfig.from_dict(read_run_config(workdir))
+    setup = build_setup(cfg, workdir, quiet=True)
+    restored = restore_state(workdir, kind, setup.initial)
+    if restored is None:
+        raise TrainError(workdir / "ckpt" / kind, "no checkpoint")
+    return setup, restored[0], restored[1]

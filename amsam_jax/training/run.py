@@ -1,0 +1,210 @@
+"""A training run's directory, shared by every trainer (few-shot, SUM, refiner).
+
+    workdir/config.json      the resolved config; a different config on the same workdir is refused
+    workdir/metrics.jsonl    one JSON object per line; on resume, lines after the checkpoint go
+    workdir/ckpt/<kind>/     Orbax checkpoints (`training.state`): latest, best, final
+    workdir/summary.json     written last: its presence means the run is complete
+
+Every trainer drives its loop through a `Run`: it restores `latest`, replays deterministically
+from there, saves `latest` at most every `checkpoint_every_s` seconds, stops with a one-line
+`TrainError` on a non-finite loss, and finishes with `final` and the summary.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from amsam_jax.training.state import restore_state, save_state, saved_step
+from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.io import atomic_write, write_json
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class TrainError(AmsamError):
+    """A run that cannot start or continue; one line naming the file or setting and the problem."""
+
+
+def log(msg: str) -> None:
+    """Progress and notes go to stderr (stdout carries a command's result)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_run_config(workdir: str | os.PathLike) -> dict:
+    """The `config.json` of a run directory.
+
+    Raises:
+        TrainError: missing (not a training workdir) or unreadable.
+    """
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise TrainError(Path(workdir), f"no {CONFIG_FILE} (not a training workdir)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainError(path, f"unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise TrainError(path, "not a config object")
+    return config
+
+
+class JsonlWriter:
+    """The default metrics writer: one JSON object per line in `path`.
+
+    Args:
+        path: the file.
+        keep_until_step: None starts a fresh file; an int keeps the records with
+            `step <= keep_until_step` (a resumed run replays from its checkpoint). A truncated or
+            unparsable line, which a kill in mid-write leaves, is dropped.
+    """
+
+    def __init__(self, path: str | os.PathLike, keep_until_step: int | None = None):
+        self.path = Path(path)
+        if keep_until_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [r for r in self.records() if r.get("step", 0) <= keep_until_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+
+    def records(self) -> list[dict]:
+        """Every complete record, in order."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+
+class Run:
+    """One run directory. See the module docstring for the layout.
+
+    Args:
+        workdir: the directory (created).
+        config: the resolved config as a JSON-able dict.
+        checkpoint_every_s: minimum seconds between two `latest` saves (0: every call).
+
+    Raises:
+        TrainError: the workdir holds a run with a different (or unreadable) config, or cannot be
+            written.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, config: dict, checkpoint_every_s: float = 30.0):
+        self.workdir = Path(workdir).absolute()
+        self.checkpoint_every_s = checkpoint_every_s
+        self._last_save = time.perf_counter()
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(self.workdir, f"cannot create the workdir ({e.strerror})") from None
+        config = json.loads(json.dumps(config))  # tuples as lists, as stored
+        path = self.workdir / CONFIG_FILE
+        if path.exists() and self.started():
+            try:
+                previous = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+                raise TrainError(
+                    path,
+                    f"unreadable ({e}); it belongs to the run in this workdir: fix or remove "
+                    "the workdir",
+                ) from None
+            if previous != config:
+                raise TrainError(
+                    self.workdir, "holds a run with a different config; use another --workdir"
+                )
+        try:
+            write_json(path, config)
+        except OSError as e:
+            raise TrainError(path, f"cannot write ({e.strerror})") from None
+
+    def started(self) -> bool:
+        """Whether this workdir holds checkpoints or a summary of an earlier run."""
+        return (self.workdir / "ckpt").exists() or (self.workdir / SUMMARY_FILE).exists()
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self, template: dict, kind: str = "latest") -> tuple[dict, dict] | None:
+        """(state, meta) of checkpoint `kind` in the structure of `template`, or None."""
+        return restore_state(self.workdir, kind, template)
+
+    def metrics(self, resumed_step: int | None) -> JsonlWriter:
+        """The metrics writer: fresh for a new run, truncated to `resumed_step` on resume."""
+        return JsonlWriter(self.workdir / METRICS_FILE, resumed_step)
+
+    def summary(self) -> dict | None:
+        """The summary of a complete run, or None."""
+        path = self.workdir / SUMMARY_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a damaged summary is rewritten by finishing the run again
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, kind: str, state: dict, meta: dict) -> None:
+        """Writes checkpoint `kind` now (see `training.state.save_state`)."""
+        save_state(self.workdir, kind, state, meta)
+        if kind == "latest":
+            self._last_save = time.perf_counter()
+
+    def save_latest(self, state: dict, meta: dict, force: bool = False) -> bool:
+        """Saves `latest` if `checkpoint_every_s` passed since the last save (or `force`).
+
+        A killed run replays from `latest` deterministically, so the result does not depend on
+        when it was saved; the interval only bounds the work a kill loses.
+
+        Returns:
+            whether it saved.
+        """
+        if force or time.perf_counter() - self._last_save >= self.checkpoint_every_s:
+            self.save("latest", state, meta)
+            return True
+        return False
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.workdir / SUMMARY_FILE, summary)
+
+    # ------------------------------------------------------------------ guards
+
+    def check_finite(self, values: Mapping[str, float], where: str) -> None:
+        """Stops the run when a value is NaN or infinite, saying what can be resumed.
+
+        Args:
+            values: the losses (and norms) of one step.
+            where: e.g. "step 12" or "iteration 3".
+
+        Raises:
+            TrainError: naming the non-finite values and the checkpoint that really exists.
+        """
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            return
+        shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        step = saved_step(self.workdir, "latest")
+        if step is None:
+            there = "no checkpoint was saved yet"
+        else:
+            there = f"the last good checkpoint is {self.workdir / 'ckpt' / 'latest'} (step {step})"
+        raise TrainError(
+            None,
+            f"non-finite loss at {where} ({shown}); the run stopped, {there}; lower the learning "
+            "rate or check the data, in a new --workdir",
+        )
