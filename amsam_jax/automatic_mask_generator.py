@@ -283,7 +283,7 @@ class SamAutomaticMaskGenerator:
 
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[crop_layer_idx] * points_scale
-        transformed = self.predictor.transform.apply_coords(points_for_image, crop_size)
+        transformed = self.predictor.transform_coords(points_for_image)
         offset = jnp.float32(self.stability_score_offset)
         orig_box = [0, 0, orig_size[1], orig_size[0]]
         n, b = len(points_for_image), self.points_per_batch

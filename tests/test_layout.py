@@ -11,10 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("amsam_jax", "weights_conversion")
-# The one place the library calls the converter: a downloaded official checkpoint is converted
-# on first use (training/sam.py). Every other function-level import is of an optional
+# The one place the library calls the converter: a checkpoint fetched by name is converted on
+# first use (pretrained.py). Every other function-level import is of an optional
 # third-party dependency (ONNX Runtime, tensorflow-datasets, torch, Ultralytics).
-ALLOWED_LAZY = {("amsam_jax.training.sam", "weights_conversion.convert_sam")}
+ALLOWED_LAZY = {("amsam_jax.pretrained", "weights_conversion.convert_sam")}
 OPTIONAL_DEPENDENCIES = {
     "onnxruntime": {"amsam_jax.boxes.detector"},
     "tensorflow_datasets": {"amsam_jax.data.tfds", "amsam_jax.data.tfds.base"},
@@ -37,6 +37,7 @@ LAYERS = (
         "amsam_jax.checkpoint",
         "amsam_jax.predictor",
         "amsam_jax.automatic_mask_generator",
+        "amsam_jax.pretrained",
     ),
     ("amsam_jax.data", "amsam_jax.boxes"),
     ("amsam_jax.training", "amsam_jax.evaluation", "amsam_jax.evaluation.metrics",

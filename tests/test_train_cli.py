@@ -185,3 +185,17 @@ def test_nan_loss_before_the_first_save_says_no_checkpoint_exists(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss at step 0") and "no checkpoint was saved" in last
     assert "last good checkpoint" not in last and not (workdir / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_few_shot_smoke_run_on_a_tiny_tinyvit_sam(tmp_path, capsys):
+    """The few-shot trainer assumes no 16 x 16 embedding: a TinyViT SAM (MobileSAM's layout)."""
+    workdir = tmp_path / "tv"
+    argv = ["--config", SMOKE, "--workdir", str(workdir), "--set", "sam.model_type=tiny_vit"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "RANDOM tiny_vit WEIGHTS" in summary["weights"]
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert cfg["sam"]["model_type"] == "tiny_vit"
+    _, state, _ = load_run_state(workdir, "final")
+    assert all(np.isfinite(x).all() for x in host_leaves(state, TRAINABLE))

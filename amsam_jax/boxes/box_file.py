@@ -28,8 +28,9 @@ from amsam_jax.boxes.detector import (
     select_box,
 )
 from amsam_jax.boxes.geometry import Letterbox, letterbox
+from amsam_jax.data.folder import list_samples, read_mask_file
 from amsam_jax.utils.image import ImageReadError, list_images, read_image
-from amsam_jax.utils.io import sha256_bytes, write_json
+from amsam_jax.utils.io import sha256_bytes, sha256_file, write_json
 
 FALLBACKS = ("full_image", "none")
 SPLITS = ("train", "test")
@@ -122,6 +123,46 @@ def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data, indent=1)
+
+
+def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict[str, Any]:
+    """A box file whose boxes are the ground-truth masks' bounding boxes (an oracle detector).
+
+    For a data folder without a detector that knows its objects (the bundled synthetic set), or
+    for an upper bound: each image's box is the tight box of its mask's foreground (x1, y1
+    exclusive, as a detector's), `boxes_all` one box per distinct non-zero mask value. An image
+    whose mask is empty gets the full-image fallback.
+
+    Raises:
+        DataError: as `list_samples`, or an unreadable mask.
+    """
+    data_dir = Path(data_dir)
+    splits = [s for s in SPLITS if (data_dir / s).is_dir()] if split == "all" else [split]
+    if not splits:
+        raise BoxError(data_dir, "no train/ or test/ split folder")
+    boxes: dict[str, Any] = {}
+    for name in splits:
+        for sample in list_samples(data_dir, name):
+            values = read_mask_file(sample.mask_path)
+            h, w = values.shape
+            found = []
+            for v in np.unique(values[values != 0]):
+                ys, xs = np.nonzero(values == v)
+                found.append([float(xs.min()), float(ys.min()), float(xs.max() + 1),
+                              float(ys.max() + 1)])  # fmt: skip
+            if found:
+                b = np.asarray(found)
+                box = [b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]
+                entry = {"box": [float(v) for v in box], "score": 1.0, "class": 0,
+                         "fallback": False}  # fmt: skip
+            else:
+                entry = {"box": [0.0, 0.0, float(w), float(h)], "score": 0.0, "class": -1,
+                         "fallback": True}  # fmt: skip
+            entry["boxes_all"] = [{"box": b, "score": 1.0, "class": 0} for b in found]
+            entry["image_sha256"] = sha256_file(sample.image_path)
+            boxes[sample.stem] = entry
+    header = {"name": "ground-truth masks", "policy": "union", "fallback": "full_image"}
+    return {"detector": header, "boxes": boxes}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,18 @@
 """Letterbox geometry: Ultralytics' aspect-preserving resize and padding, and boxes mapped back.
 
-`ultralytics/data/augment.py::LetterBox` (auto=False, centred, pad value 114) with a bit-exact
-NumPy copy of OpenCV's uint8 `INTER_LINEAR` resize, and `ultralytics/utils/ops.py::scale_boxes`
-back to the image (padding from rounded sides, clip). No OpenCV dependency.
+`ultralytics/data/augment.py::LetterBox` (auto=False, centred, pad value 114) with the bit-exact
+NumPy copy of OpenCV's uint8 `INTER_LINEAR` resize (`amsam_jax.utils.resize`), and
+`ultralytics/utils/ops.py::scale_boxes` back to the image (padding from rounded sides,
+clip). No OpenCV dependency.
 """
 
 import dataclasses
 
 import numpy as np
 
+from amsam_jax.utils.resize import resize_linear_uint8
+
 PAD_VALUE = 114  # Ultralytics letterbox fill
-# OpenCV's fixed-point resize: weights are integers scaled by 2**11 (INTER_RESIZE_COEF_BITS).
-_COEF_SCALE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,68 +40,6 @@ class Letterbox:
         new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
         dw, dh = (shape[1] - new_w) / 2, (shape[0] - new_h) / 2
         return cls((h, w), tuple(shape), (new_h, new_w), round(dh - 0.1), round(dw - 0.1))
-
-
-def _resize_taps(
-    src: int, dst: int, clamp: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV `resizeGeneric_` linear taps: source indices and 2**11-scaled integer weights.
-
-    OpenCV clamps the fraction to 0 at the x borders but not at the y borders (where it clips the
-    row indices instead); `clamp` selects the x behaviour.
-    """
-    scale = 1.0 / (dst / src)
-    f = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
-    i0 = np.floor(f).astype(np.int64)
-    f = f - i0.astype(np.float32)
-    if clamp:
-        f[(i0 < 0) | (i0 >= src - 1)] = 0
-    w0 = np.rint((np.float32(1) - f) * _COEF_SCALE).astype(np.int32)
-    w1 = np.rint(f * _COEF_SCALE).astype(np.int32)
-    return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, w1
-
-
-def resize_linear_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bit-exact numpy copy of `cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)`.
-
-    Half-pixel centres, no antialiasing, OpenCV's 11-bit fixed-point weights and its SIMD
-    rounding; checked against OpenCV in the tests. Only the needed source rows are read.
-
-    Args:
-        image: (H, W, C) uint8.
-        size: (h, w) output size.
-
-    Returns:
-        (h, w, C) uint8.
-    """
-    (h, w), (src_h, src_w, channels) = size, image.shape
-    if (h, w) == (src_h, src_w):
-        return image
-    x0, x1, a0, a1 = _resize_taps(src_w, w, clamp=True)
-    y0, y1, b0, b1 = _resize_taps(src_h, h, clamp=False)
-    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    src = image[rows].reshape(len(rows), src_w * channels)  # (R, W*C)
-    c = np.arange(channels)
-    horiz = np.multiply(
-        np.take(src, (x0[:, None] * channels + c).ravel(), axis=1),
-        np.repeat(a0, channels),
-        dtype=np.int32,
-    )  # (R, w*C), scaled by 2**11
-    horiz += np.multiply(
-        np.take(src, (x1[:, None] * channels + c).ravel(), axis=1),
-        np.repeat(a1, channels),
-        dtype=np.int32,
-    )
-    horiz >>= 4
-    top, bottom = horiz[inverse[:h]], horiz[inverse[h:]]  # (h, w*C) each
-    top *= b0[:, None]
-    top >>= 16
-    bottom *= b1[:, None]
-    bottom >>= 16
-    top += bottom
-    top += 2
-    top >>= 2  # a weighted mean: already in [0, 255]
-    return top.astype(np.uint8).reshape(h, w, channels)
 
 
 def letterbox(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:

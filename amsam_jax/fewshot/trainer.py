@@ -89,6 +89,7 @@ def step_config(cfg: FewShotConfig) -> StepConfig:
     tr, cal = cfg.train, cfg.calibration
     return StepConfig(
         hypergradient=tr.hypergradient if tr.bilevel else "none",
+        semantic_head=cfg.sam.head_init,
         dice_weight=tr.dice_weight,
         calibration=cal.enabled,
         calibration_alpha=cal.alpha,
@@ -143,17 +144,22 @@ def data_dir_of(cfg: FewShotConfig) -> Path:
 def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup:
     """Resolves weights, loads and caches data, builds the partitioned model and step."""
     say = (lambda m: None) if quiet else log
-    prep = Preprocessing(size=cfg.sam.image_size, sam_pixel_norm=cfg.data.sam_pixel_norm)
     data_dir = data_dir_of(cfg)
-    pool = list_samples(data_dir, "train")
+    pool = list_samples(data_dir, "train")  # the folder structure first: fails fast
     shots = select_few_shot(pool, cfg.data.shots, cfg.data.seed)
     if cfg.train.bilevel:
         d1_samples, d2_samples = split_d1_d2(shots)
     else:  # SAMed: the lower level sees all shots; D2 (= all) only selects the checkpoint
         d1_samples, d2_samples = shots, shots
+    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
+    # Labels at the decoder's low resolution: 4G (64 for ViT at 256 px, 256 for LiteMedSAM).
+    prep = Preprocessing(
+        size=sam_cfg.image_size,
+        low_res=4 * sam_cfg.grid_size,
+        sam_pixel_norm=cfg.data.sam_pixel_norm,
+    )
     d1, d2 = load_split(d1_samples, prep), load_split(d2_samples, prep)
     say(f"data: {data_dir} | {len(shots)} shots -> D1 {len(d1.stems)}, D2 {len(d2.stems)}")
-    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
     say(f"sam: {weights}")
 
     embedder = Embedder(sam.image_encoder, weights_key)

@@ -243,6 +243,23 @@ class PatchEmbed(nnx.Module):
         return self.proj(x)
 
 
+def sam_neck(in_chans: int, out_chans: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List:
+    """SAM's encoder neck: torch's nn.Sequential(conv1x1, LayerNorm2d, conv3x3, LayerNorm2d).
+
+    The list keeps the Sequential's indices, so checkpoint keys `neck.<i>.*` map one to one.
+    """
+    return nnx.List(
+        [
+            nnx.Conv(in_chans, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs),
+            LayerNorm2d(out_chans, rngs=rngs),
+            nnx.Conv(
+                out_chans, out_chans, (3, 3), padding=1, use_bias=False, dtype=dtype, rngs=rngs
+            ),
+            LayerNorm2d(out_chans, rngs=rngs),
+        ]
+    )
+
+
 class ImageEncoderViT(nnx.Module):
     """SAM's ViT image encoder (channels-last): (B, S, S, 3) -> (B, S/16, S/16, out_chans)."""
 
@@ -280,17 +297,7 @@ class ImageEncoderViT(nnx.Module):
                 for i in range(depth)
             ]
         )
-        # Torch's nn.Sequential(conv1x1, LayerNorm2d, conv3x3, LayerNorm2d); indices kept.
-        self.neck = nnx.List(
-            [
-                nnx.Conv(embed_dim, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs),
-                LayerNorm2d(out_chans, rngs=rngs),
-                nnx.Conv(
-                    out_chans, out_chans, (3, 3), padding=1, use_bias=False, dtype=dtype, rngs=rngs
-                ),
-                LayerNorm2d(out_chans, rngs=rngs),
-            ]
-        )
+        self.neck = sam_neck(embed_dim, out_chans, dtype=dtype, rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, x: Float[Array, "b s s 3"]) -> Float[Array, "b g g c"]:

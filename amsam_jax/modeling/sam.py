@@ -10,6 +10,10 @@ from amsam_jax.modeling.common import Buffer, resize_bilinear
 from amsam_jax.modeling.image_encoder import ImageEncoderViT
 from amsam_jax.modeling.mask_decoder import MaskDecoder
 from amsam_jax.modeling.prompt_encoder import PromptEncoder
+from amsam_jax.modeling.tiny_vit import TinyViT
+
+# How images enter the model (SamConfig.preprocess): SAM's mean/std, or LiteMedSAM's min-max.
+PREPROCESSING = ("sam", "medsam")
 
 
 class Sam(nnx.Module):
@@ -19,12 +23,16 @@ class Sam(nnx.Module):
 
     def __init__(
         self,
-        image_encoder: ImageEncoderViT,
+        image_encoder: ImageEncoderViT | TinyViT,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        preprocess: str = "sam",
     ):
+        if preprocess not in PREPROCESSING:
+            raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {preprocess!r}")
+        self.preprocess_mode = preprocess
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder

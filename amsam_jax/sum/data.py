@@ -28,6 +28,7 @@ from amsam_jax.data.sa1b import (
     iter_pseudo_labels,
 )
 from amsam_jax.data.synthetic import bundled_synthetic_dir
+from amsam_jax.predictor import model_input
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.utils.image import ImageReadError, image_size, read_image
@@ -37,21 +38,23 @@ from amsam_jax.utils.transforms import ResizeLongestSide
 REFINED_SUFFIX = ".refined.npz"  # (K, L, L) uint8 refiner probabilities + (K,) bool "valid"
 
 
-def frame_key(size: int) -> str:
+def frame_key(size: int, preprocess: str = "sam") -> str:
     """The embedding cache's name of `model_frame_image` at side `size`."""
+    if preprocess == "medsam":
+        return f"medsam-longest-side-{size}-area-minmax-pad"
     return f"sam-longest-side-{size}-pil-bilinear-meanstd-pad"
 
 
-def embed_entries(embedder: Embedder, entries: Sequence["Entry"], size: int) -> np.ndarray:
+def embed_entries(
+    embedder: Embedder, entries: Sequence["Entry"], size: int, preprocess: str = "sam"
+) -> np.ndarray:
     """(I, G, G, C) embeddings of the entries' images in the model frame (cached by path)."""
-    return np.stack(
-        [
-            embedder.embed_one(
-                e.key, lambda e=e: model_frame_image(e.image, size)[0], frame_key(size)
-            )
-            for e in entries
-        ]
-    )
+    key = frame_key(size, preprocess)
+
+    def frame(entry: Entry):
+        return lambda: model_frame_image(entry.image, size, preprocess)[0]
+
+    return np.stack([embedder.embed_one(e.key, frame(e), key) for e in entries])
 
 
 def labelled_specs(cfg: SumConfig) -> tuple[str, ...]:
@@ -72,16 +75,14 @@ def pick(seed: int, stream: int, position: int, n: int) -> int:
     return int(_order(seed, stream, position // n, n)[position % n])
 
 
-def model_frame_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """uint8 (H, W, 3) -> normalised, zero-padded float32 (S, S, 3) and the valid (h, w)."""
-    resized = ResizeLongestSide(size).apply_image(image)
-    h, w = resized.shape[:2]
-    out = np.zeros((size, size, 3), np.float32)
-    x = (resized.astype(np.float32) - np.asarray(PIXEL_MEAN, np.float32)) / np.asarray(
-        PIXEL_STD, np.float32
-    )
-    out[:h, :w] = x
-    return out, (h, w)
+def model_frame_image(
+    image: np.ndarray, size: int, preprocess: str = "sam"
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 (H, W, 3) -> the model's normalised, zero-padded float32 (S, S, 3), valid (h, w).
+
+    `preprocess` is the model's (`SamConfig.preprocess`): SAM's mean/std or LiteMedSAM's min-max.
+    """
+    return model_input(image, size, preprocess, PIXEL_MEAN, PIXEL_STD)
 
 
 def resize_nearest(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -131,8 +131,8 @@ def train_refiner(
             labelled.load(pick(cfg.seed, 2, it * r.images + j, len(labelled)))
             for j in range(r.images)
         ]
-        batch = make_batch(entries, embed_entries(embedder, entries, sam_cfg.image_size), shapes,
-                           rng)  # fmt: skip
+        emb = embed_entries(embedder, entries, sam_cfg.image_size, sam_cfg.preprocess)
+        batch = make_batch(entries, emb, shapes, rng)
         use_box = bool(rng.random() < r.p_box)
         state, metrics = step_fn(state, t.frozen, sam_params, t.task, batch,
                                  jax.random.fold_in(key, it), use_box)  # fmt: skip
@@ -191,8 +191,8 @@ def refine_folder(refiner_sam_dir, images_dir, labels_dir, out_dir, batch_masks:
             write_refined(path, np.zeros((0, low, low), np.uint8), np.zeros(0, bool))
             continue
         image = read_image(item.image_path)
-        frame, hw = model_frame_image(image, size)
-        embedding = jnp.asarray(embedder.embed(frame[None], frame_key(size)))
+        frame, hw = model_frame_image(image, size, sam.preprocess_mode)
+        embedding = jnp.asarray(embedder.embed(frame[None], frame_key(size, sam.preprocess_mode)))
         prob, _ = prepare_label(ann.load_prob(), size)
         h0, w0 = ann.size
         scale = np.asarray([hw[1] / w0, hw[0] / h0, hw[1] / w0, hw[0] / h0])

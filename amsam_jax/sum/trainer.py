@@ -199,7 +199,8 @@ def human_batch(setup: SumSetup, it: int, rng: np.random.Generator) -> dict:
     for j in range(shapes.images):
         i = pick(cfg.seed, 0, it * shapes.images + j, len(setup.labelled))
         entries.append(setup.labelled.load(i))
-    return make_batch(entries, embed_entries(setup.embedder, entries, shapes.size), shapes, rng)
+    emb = embed_entries(setup.embedder, entries, shapes.size, setup.sam_cfg.preprocess)
+    return make_batch(entries, emb, shapes, rng)
 
 
 def pseudo_batch(setup: SumSetup, it: int, rng: np.random.Generator) -> dict:
@@ -215,7 +216,8 @@ def pseudo_batch(setup: SumSetup, it: int, rng: np.random.Generator) -> dict:
         tries += 1
         if entry is not None:
             entries.append(entry)
-    return make_batch(entries, embed_entries(setup.embedder, entries, shapes.size), shapes, rng)
+    emb = embed_entries(setup.embedder, entries, shapes.size, setup.sam_cfg.preprocess)
+    return make_batch(entries, emb, shapes, rng)
 
 
 def joint_batch(a: dict, b: dict) -> dict:

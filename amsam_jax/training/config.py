@@ -30,6 +30,11 @@ class SamSection:
     image_size: int = 256
     num_classes: int = 1  # n = num_classes + 1 mask tokens
     reinit_heads: bool = True  # the reference drops tokens/hypernetworks/IoU head at 256 px
+    # The few-shot class logits: "tokens" (n = num_classes + 1 mask tokens, one per class, heads
+    # as reinit_heads says: the reference) or "single_mask" (binary only: the checkpoint's heads
+    # kept, background logit 0 and foreground = its single-mask output, so training starts from
+    # the pretrained model's own box-prompted mask; docs/fewshot.md §2.3)
+    head_init: str = "tokens"
     encoder_dtype: str = "float32"
     download_timeout_s: float = 10.0
 

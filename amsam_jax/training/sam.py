@@ -1,67 +1,40 @@
 """Which SAM a run fine-tunes: a converted directory, the official download, or random weights.
 
 `resolve_sam` is shared by every trainer and by evaluation: it finds the weights named by a run's
-`sam` section, adapts them to the run's input size and mask tokens (docs/fewshot.md §2.3), and
-returns the key that identifies its encoder in the embedding cache.
+`sam` section (a directory, or a pretrained name such as "litemedsam": `amsam_jax.pretrained`),
+adapts them to the run's input size and mask tokens (docs/fewshot.md §2.3), and returns the key
+that identifies its encoder in the embedding cache.
 """
 
 import dataclasses
-import hashlib
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.checkpoint import OFFICIAL_CHECKPOINTS, adapt_sam, load_sam, read_sam_config
+from amsam_jax.checkpoint import adapt_sam, load_sam, read_sam_config
+from amsam_jax.pretrained import PretrainedError, is_name
+from amsam_jax.pretrained import resolve as resolve_pretrained
 from amsam_jax.training.embedder import sam_weights_key
 from amsam_jax.training.run import TrainError, log
 
 DEFAULT_SAM_DIR = "checkpoints/sam_vit_b"
+HEAD_INITS = ("tokens", "single_mask")
 
 
-def _download_official_vit_b(cache_root: Path, timeout: float) -> Path | None:
-    """Downloads and converts the official ViT-B checkpoint once; None if impossible here."""
-    url, sha, _ = OFFICIAL_CHECKPOINTS["vit_b"]
-    converted = cache_root / "sam_vit_b"
-    if (converted / "config.json").is_file():
-        return converted
-    pth = cache_root / Path(url).name
-    if not pth.is_file():
-        log(f"sam: trying the official ViT-B download ({url}, timeout {timeout:g} s)")
-        tmp = pth.with_suffix(".part")
-        cache_root.mkdir(parents=True, exist_ok=True)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-                h = hashlib.sha256()
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    h.update(chunk)
-                    f.write(chunk)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            tmp.unlink(missing_ok=True)
-            log(f"sam: download failed ({e})")
-            return None
-        if h.hexdigest() != sha:
-            tmp.unlink(missing_ok=True)
-            log(f"sam: downloaded file has SHA-256 {h.hexdigest()}, expected {sha}: discarded")
-            return None
-        os.replace(tmp, pth)
-    try:
-        from weights_conversion.convert_sam import ConversionError, convert_checkpoint
-    except ImportError as e:  # torch (the `convert` extra) is not installed
-        log(f"sam: cannot convert {pth} without the `convert` extra ({e})")
-        return None
-    try:
-        convert_checkpoint(pth, converted)
-    except ConversionError as e:
-        log(f"sam: conversion failed: {e}")
-        return None
-    return converted
+# The architecture of each named checkpoint, for a random fallback of the same shape.
+NAME_TO_TYPE = {"litemedsam": "litemedsam", "sam_vit_b": "vit_b", "sam_vit_l": "vit_l",
+                "sam_vit_h": "vit_h"}  # fmt: skip
 
 
 def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
-    """Finds SAM weights: configured dir, $AMSAM_SAM, checkpoints/, download, or random.
+    """Finds SAM weights: configured dir or name, $AMSAM_SAM, checkpoints/, download, or random.
+
+    `sam.checkpoint` may be a converted directory or a name of `amsam_jax.pretrained` (e.g.
+    "litemedsam", fetched and converted on first use). Without it, `$AMSAM_SAM` and
+    `checkpoints/sam_vit_b` are tried, then (`sam.download`, model type vit_b) the official
+    ViT-B download. When nothing can be had, `sam.allow_random` builds random weights of the
+    intended architecture and says so loudly.
 
     Args:
         cfg: a recipe's config (its `sam` section and `seed` are used).
@@ -71,20 +44,40 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
         a human description that says loudly when weights are random).
     """
     s = cfg.sam
+    if s.head_init not in HEAD_INITS:
+        raise TrainError(
+            "sam.head_init", f"must be one of {', '.join(HEAD_INITS)}, got {s.head_init!r}"
+        )
+    if s.head_init == "single_mask" and s.num_classes != 1:
+        raise TrainError(
+            "sam.head_init", f"single_mask is binary only, sam.num_classes is {s.num_classes}"
+        )
+    model_type = NAME_TO_TYPE.get(str(s.checkpoint), s.model_type)
     target = SamConfig.preset(
-        s.model_type,
+        model_type,
         image_size=s.image_size,
         num_multimask_outputs=s.num_classes,
         encoder_dtype=s.encoder_dtype,
     )
-    candidates = [s.checkpoint] if s.checkpoint else [os.environ.get("AMSAM_SAM"), DEFAULT_SAM_DIR]
-    sam_dir = next((c for c in candidates if c and Path(c).is_dir()), None)
-    if s.checkpoint and sam_dir is None:
-        raise TrainError(f"{s.checkpoint}: sam.checkpoint is not a directory")
-    if sam_dir is None and s.download and s.model_type == "vit_b":
-        cache_root = Path(os.environ.get("AMSAM_HOME", Path.home() / ".cache" / "amsam_jax"))
-        downloaded = _download_official_vit_b(cache_root / "checkpoints", s.download_timeout_s)
-        sam_dir = str(downloaded) if downloaded else None
+    sam_dir, missing = None, "no converted SAM, no download"
+    if is_name(s.checkpoint) or (
+        not s.checkpoint and s.download and s.model_type == "vit_b" and not _local_default()
+    ):
+        name = str(s.checkpoint or "sam_vit_b")
+        timeout = 600.0 if s.checkpoint else s.download_timeout_s
+        try:
+            sam_dir = str(resolve_pretrained(name, timeout))
+        except PretrainedError as e:
+            if not s.allow_random:
+                raise TrainError(None, f"sam.checkpoint={name}: {e.problem}") from None
+            missing = f"could not fetch {name}: {e.problem}"
+            log(f"sam: {missing}")
+    elif s.checkpoint:
+        if not Path(s.checkpoint).is_dir():
+            raise TrainError(s.checkpoint, "sam.checkpoint is not a directory or a known name")
+        sam_dir = s.checkpoint
+    else:
+        sam_dir = _local_default()
     if sam_dir is not None:
         src_cfg, _ = read_sam_config(sam_dir)
         model = load_sam(sam_dir)
@@ -94,19 +87,34 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
             num_multimask_outputs=s.num_classes,
             encoder_dtype=s.encoder_dtype,
         )
-        model = adapt_sam(model, target, reinit_heads=s.reinit_heads, seed=cfg.seed)
+        if s.head_init == "single_mask":  # the checkpoint's decoder heads, unchanged
+            target = dataclasses.replace(
+                target, num_multimask_outputs=src_cfg.num_multimask_outputs
+            )
+        model = adapt_sam(
+            model, target, reinit_heads=s.reinit_heads and s.head_init == "tokens", seed=cfg.seed
+        )
         key = f"{sam_weights_key(sam_dir, s.encoder_dtype)}-{s.image_size}"
-        return model, target, key, f"converted SAM weights from {sam_dir}"
+        described = f"{s.checkpoint} ({sam_dir})" if is_name(s.checkpoint) else sam_dir
+        return model, target, key, f"converted SAM weights from {described}"
     if not s.allow_random:
-        raise TrainError("no SAM weights found (set sam.checkpoint) and sam.allow_random is off")
+        raise TrainError(
+            None, "no SAM weights found (set sam.checkpoint) and sam.allow_random is off"
+        )
     model = build_sam(target, seed=cfg.seed)
-    key = f"random-{s.model_type}-{s.image_size}-seed{cfg.seed}-{s.encoder_dtype}"
+    key = f"random-{model_type}-{s.image_size}-seed{cfg.seed}-{s.encoder_dtype}"
     return (
         model,
         target,
         key,
         (
-            f"RANDOM {s.model_type} WEIGHTS (no converted SAM, no download): Dice is a pipeline "
-            "check, not a quality number"
+            f"RANDOM {model_type} WEIGHTS ({missing}): Dice is a pipeline check, not a quality "
+            "number"
         ),
     )
+
+
+def _local_default() -> str | None:
+    """`$AMSAM_SAM` or `checkpoints/sam_vit_b`, when it is a directory."""
+    candidates = (os.environ.get("AMSAM_SAM"), DEFAULT_SAM_DIR)
+    return next((c for c in candidates if c and Path(c).is_dir()), None)

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of `data`."""
     return hashlib.sha256(data).hexdigest()
@@ -52,6 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | by
                 write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; keep the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -85,6 +92,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     for stale in path.parent.glob(prefix + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         if path.exists():

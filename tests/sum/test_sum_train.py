@@ -196,3 +196,17 @@ def test_refiner_run_has_the_config_guard_and_resume_correct_metrics(tmp_path, c
     capsys.readouterr()
     assert refine_main([*argv, "--set", "train.checkpoint_every_s=5"]) == 2
     assert "holds a run with a different config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sum_smoke_run_on_a_tiny_tinyvit_sam(tmp_path, capsys):
+    """SUM end to end (automatic mask generator, refiner, interactive evaluation) on TinyViT."""
+    workdir = tmp_path / "tv"
+    argv = ["--config", SMOKE, "--workdir", str(workdir), "--set", "sam.model_type=tiny_vit"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "RANDOM tiny_vit WEIGHTS" in summary["weights"]
+    assert len(list((workdir / "pseudo_labels").glob("*.json"))) == 8
+    assert (workdir / "eval_interactive.json").is_file()
+    sam = load_sam(workdir / "sam_finetuned")
+    assert sam.image_encoder.__class__.__name__ == "TinyViT"
