@@ -11,7 +11,9 @@ Deviations, all for speed or memory (none changes a result):
   recomputed from the low-resolution logits only for the masks that survive NMS.
 """
 
+import math
 from functools import partial
+from numbers import Real
 from typing import Any
 
 import jax
@@ -35,7 +37,10 @@ from amsam_jax.utils.amg import (
     uncrop_masks,
     uncrop_points,
 )
+from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.nms import nms
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 # ---------------------------------------------------------------------------------------------
 # Jitted model calls
@@ -103,6 +108,105 @@ def _probabilities(
 
 
 # ---------------------------------------------------------------------------------------------
+# Settings
+
+
+class AmgSettingError(AmsamError, ValueError):
+    """A generator setting out of range (also a `ValueError`); `str()` is `<setting>: <problem>`.
+
+    Attributes:
+        setting: the constructor argument at fault (`path`, as every `AmsamError`'s "where").
+        problem: what is wrong.
+    """
+
+    @property
+    def setting(self) -> str:
+        return self.path
+
+
+def _number(name: str, value, low: float, high: float | None = None, open_high: bool = False):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise AmgSettingError(name, f"must be a finite number, got {value!r}")
+    if high is None:
+        if value < low:
+            raise AmgSettingError(name, f"must be >= {low:g}, got {value:g}")
+    elif value < low or value > high or (open_high and value == high):
+        interval = f"[{low:g}, {high:g}{')' if open_high else ']'}"
+        raise AmgSettingError(name, f"must be in {interval}, got {value:g}")
+
+
+def _integer(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise AmgSettingError(name, f"must be a whole number, got {value!r}")
+    if value < low:
+        raise AmgSettingError(name, f"must be >= {low}, got {value}")
+
+
+def check_generator_settings(
+    points_per_side: int | None = 32,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    crop_n_layers: int = 0,
+    crop_nms_thresh: float = 0.7,
+    crop_overlap_ratio: float = 512 / 1500,
+    crop_n_points_downscale_factor: int = 1,
+    point_grids: list[np.ndarray] | None = None,
+    min_mask_region_area: int = 0,
+    output_mode: str = "binary_mask",
+) -> None:
+    """Checks the settings of `SamAutomaticMaskGenerator` (same names and defaults).
+
+    The reference accepts any value and fails later (ZeroDivisionError for 0 points per side,
+    an endless or empty loop for a batch of 0, ...) or silently keeps nothing; here a value
+    outside its range is refused up front, before a model is needed.
+
+    Raises:
+        AmgSettingError: one line naming the setting: exactly one of `points_per_side` and
+            `point_grids`; whole numbers >= 1 (points per side and per batch, the downscale
+            factor) or >= 0 (crop layers); thresholds in [0, 1]; the stability offset and the
+            minimum region area >= 0; the crop overlap in [0, 1); grids of (N >= 1, 2) points in
+            [0, 1]², one per crop layer; a known output mode.
+    """
+    if (points_per_side is None) == (point_grids is None):
+        raise AmgSettingError(
+            "points_per_side", "exactly one of points_per_side or point_grids must be given"
+        )
+    if points_per_side is not None:
+        _integer("points_per_side", points_per_side, 1)
+    _integer("points_per_batch", points_per_batch, 1)
+    for name, value in (
+        ("pred_iou_thresh", pred_iou_thresh),
+        ("stability_score_thresh", stability_score_thresh),
+        ("box_nms_thresh", box_nms_thresh),
+        ("crop_nms_thresh", crop_nms_thresh),
+    ):
+        _number(name, value, 0.0, 1.0)
+    _number("stability_score_offset", stability_score_offset, 0.0)
+    _integer("crop_n_layers", crop_n_layers, 0)
+    _number("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, open_high=True)
+    _integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+    _number("min_mask_region_area", min_mask_region_area, 0.0)
+    if point_grids is not None:
+        if len(point_grids) < crop_n_layers + 1:
+            raise AmgSettingError(
+                "point_grids", f"needs {crop_n_layers + 1} grids (one per crop layer)"
+            )
+        for i, grid in enumerate(point_grids):
+            grid = np.asarray(grid)
+            if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] != 2:
+                raise AmgSettingError("point_grids", f"grid {i} is {grid.shape}, expected (N, 2)")
+            if not (np.isfinite(grid).all() and (grid >= 0).all() and (grid <= 1).all()):
+                raise AmgSettingError("point_grids", f"grid {i} has points outside [0, 1]²")
+    if output_mode not in OUTPUT_MODES:
+        raise AmgSettingError(
+            "output_mode", f"unknown mode {output_mode!r}; expected one of {OUTPUT_MODES}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # The generator
 
 
@@ -162,21 +266,23 @@ class SamAutomaticMaskGenerator:
             output_mode: "binary_mask", "uncompressed_rle" or "coco_rle".
             task: task-prompt id passed to the decoder (None: the model's default).
             keep_probabilities: add "probability", uint8 (H, W) round(255·sigmoid(logit)).
+
+        Raises:
+            AmgSettingError: (a `ValueError`) a setting out of range, see
+                `check_generator_settings`.
         """
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        check_generator_settings(
+            points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+            stability_score_offset, box_nms_thresh, crop_n_layers, crop_nms_thresh,
+            crop_overlap_ratio, crop_n_points_downscale_factor, point_grids,
+            min_mask_region_area, output_mode,
+        )  # fmt: skip
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
         else:
             self.point_grids = [np.asarray(g, np.float64) for g in point_grids]
-        if len(self.point_grids) < crop_n_layers + 1:
-            raise ValueError(f"point_grids needs {crop_n_layers + 1} grids (one per crop layer)")
-        if output_mode not in ("binary_mask", "uncompressed_rle", "coco_rle"):
-            raise ValueError(f"Unknown output_mode {output_mode}.")
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -211,6 +317,11 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layer_idxs = generate_crop_boxes(
             (orig_h, orig_w), self.crop_n_layers, self.crop_overlap_ratio
         )
+        # A side shorter than a layer's crop count gives the reference empty crops (it fails on
+        # them); they hold no pixel, so skipping them loses nothing.
+        crops_kept = [i for i, (x0, y0, x1, y1) in enumerate(crop_boxes) if x1 > x0 and y1 > y0]
+        crop_boxes = [crop_boxes[i] for i in crops_kept]
+        layer_idxs = [layer_idxs[i] for i in crops_kept]
         crops = [
             self._process_crop(image, crop_box, layer_idx, (orig_h, orig_w))
             for crop_box, layer_idx in zip(crop_boxes, layer_idxs, strict=True)

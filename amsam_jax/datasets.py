@@ -2,13 +2,14 @@
 
     python -m amsam_jax.datasets export tiktok --manual-dir ~/Downloads/tiktok --out data/tiktok
 
-Needs the `data` extra (tensorflow-datasets); the builders are `amsam_jax.data.tfds`.
+Needs the `data` extra (tensorflow-datasets); the builders are `amsam_jax.data.tfds`. Prints the
+image/mask pairs found per split (the download as it is, not its README's count).
 """
 
 import argparse
 import sys
 
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.cli import guarded
 
 try:  # the `data` extra
     from amsam_jax.data.tfds import export_to_folder
@@ -45,15 +46,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
+
+    def body() -> int:
         counts = export_to_folder(
             args.builder, args.manual_dir, args.out, data_dir=args.data_dir, config=args.config
         )
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
-    return 0
+        splits = ", ".join(f"{split} {n}" for split, n in counts.items())
+        print(f"{args.out}: {splits} ({sum(counts.values())} image/mask pairs found)")
+        return 0
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Few-shot: Dice and IoU (×100, per image and mean, docs/fewshot.md §4.4) with t
 preprocessing and box prompts; writes `W/eval_<split>.json` and overlays `W/eval_<split>/`.
 Interactive (docs/sum.md §8): mIoU and boundary IoU per click count. Box (zero-shot): SAM's
 single mask for each image's box (the mask's tight box, or a box file). The result is printed
-without the per-image rows. Bad inputs print one `error: ...` line and exit with status 2.
+without the per-image rows. Bad inputs print one `error: ...` line and exit with status 2; flags,
+folders and outputs are checked before a model is loaded, and a failed run writes nothing.
 """
 
 import argparse
@@ -18,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from amsam_jax.boxes.box_file import load_box_file
+from amsam_jax.data.folder import list_samples
 from amsam_jax.evaluation import EvaluateError
 from amsam_jax.evaluation.box_prompt import evaluate_box_folder
 from amsam_jax.evaluation.interactive import evaluate_interactive_folders
@@ -26,7 +29,9 @@ from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.data import labelled_specs
 from amsam_jax.training.run import read_run_config
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.cli import guarded
+from amsam_jax.utils.image import max_image_pixels
+from amsam_jax.utils.io import check_output_file
 from amsam_jax.utils.runtime import enable_compilation_cache
 
 
@@ -94,7 +99,14 @@ def run_box(args: argparse.Namespace) -> dict:
     """Zero-shot box prompts of `--sam` on `--data/<split>`."""
     if not args.sam or not args.data:
         raise EvaluateError("--protocol box", "needs --sam SAM_DIR_OR_NAME and --data DIR")
-    output = args.output or Path(args.workdir or ".") / f"eval_box_{args.split}.json"
+    if len(args.data) > 1:
+        raise EvaluateError("--data", "the box protocol takes one data folder")
+    output = check_output_file(
+        args.output or Path(args.workdir or ".") / f"eval_box_{args.split}.json"
+    )
+    list_samples(args.data[0], args.split)  # folders and box file before the model loads
+    if args.boxes:
+        load_box_file(args.boxes)
     return evaluate_box_folder(load_pretrained(args.sam), args.data[0], args.split, output,
                                args.boxes)  # fmt: skip
 
@@ -111,17 +123,30 @@ def run_fewshot(args: argparse.Namespace) -> dict:
     return summary
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags and the pixel-limit setting, before anything is read."""
+    for flag, value, low in (
+        ("--clicks", args.clicks, 1),
+        ("--max-images", args.max_images, 1),
+        ("--overlays", args.overlays, 0),
+    ):
+        if value is not None and value < low:
+            raise EvaluateError(flag, f"must be >= {low}, got {value}")
+    max_image_pixels()  # an invalid AMSAM_MAX_IMAGE_PIXELS is named before any image is read
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
-    try:
+
+    def body() -> int:
+        check_flags(args)
         run = {"interactive": run_interactive, "box": run_box}.get(args.protocol, run_fewshot)
         summary = run(args)
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

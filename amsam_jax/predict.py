@@ -8,6 +8,10 @@
 (default `$AMSAM_SAM` or `checkpoints/sam_vit_b` when present, else the pretrained LiteMedSAM,
 fetched on first use); only when none can be had a randomly initialised ViT-B, said loudly:
 random weights give meaningless masks.
+
+The outputs are checked before the model is loaded (a folder given as `--output`, an overlay
+extension Pillow cannot write, a file where a folder should be) and written together: both
+appear, or neither (a failed overlay also leaves no `--output`), and no temporary file stays.
 """
 
 import argparse
@@ -20,13 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from amsam_jax.build_sam import SamConfig, build_sam
-from amsam_jax.evaluation.plots import draw_overlay
+from amsam_jax.evaluation.plots import draw_overlay, encode_image, image_format
 from amsam_jax.modeling.prompt_encoder import TASKS
 from amsam_jax.predictor import SamPredictor
 from amsam_jax.pretrained import PRETRAINED, PretrainedError
 from amsam_jax.pretrained import load as load_pretrained
+from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.image import read_image
+from amsam_jax.utils.image import max_image_pixels, read_image
+from amsam_jax.utils.io import atomic_outputs, check_output_file
 
 DEFAULT_SAM_DIR = "checkpoints/sam_vit_b"
 SAMPLE_IMAGE = "sample.jpg"
@@ -89,6 +95,23 @@ def check_prompts(box, points, size: tuple[int, int]) -> None:
             raise UsageError(f"--point label {label:g}: must be 1 (foreground) or 0 (background)")
 
 
+def check_outputs(output: str, overlay: str | None) -> tuple[Path, Path | None]:
+    """Checks `--output` and `--overlay` before any work (nothing is written).
+
+    Raises:
+        AmsamError: a folder or a path under a file, an overlay extension Pillow cannot write,
+            or the same file twice.
+    """
+    out = check_output_file(output)
+    if overlay is None:
+        return out, None
+    overlay_path = check_output_file(overlay)
+    image_format(overlay_path)
+    if os.path.realpath(overlay_path) == os.path.realpath(out):
+        raise UsageError("--overlay", f"{overlay} is also the --output file")
+    return out, overlay_path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m amsam_jax.predict",
@@ -127,6 +150,8 @@ def run(args: argparse.Namespace) -> dict:
         box, points = list(SAMPLE_BOX), list(SAMPLE_POINTS)
     if box is None and not points:
         raise UsageError("give a prompt: --box X0 Y0 X1 Y1 and/or --point X Y LABEL")
+    out, overlay = check_outputs(args.output, args.overlay)
+    max_image_pixels()  # an invalid AMSAM_MAX_IMAGE_PIXELS is named before any file is read
     image = read_image(image_path)
     check_prompts(box, points, image.shape[:2])
     model, weights = resolve_model(args.sam, args.demo, args.encoder_dtype)
@@ -144,20 +169,23 @@ def run(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - t0
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, masks=masks, iou_predictions=iou, low_res_logits=low_res)
-    os.replace(tmp, out)
-    if args.overlay:
+    overlay_bytes = None
+    if overlay is not None:  # encoded before anything is written: a failure leaves nothing
         title = (
             f"{'RANDOM WEIGHTS - ' if 'RANDOM' in weights else ''}SAM masks (iou "
             + ", ".join(f"{v:.2f}" for v in iou)
             + ")"
         )
-        overlay = Path(args.overlay)
-        overlay.parent.mkdir(parents=True, exist_ok=True)
-        draw_overlay(image, masks, box, points, title).save(overlay)
+        overlay_bytes = encode_image(draw_overlay(image, masks, box, points, title), overlay)
+    with atomic_outputs() as outputs:
+        outputs.file(
+            out,
+            lambda f: np.savez_compressed(
+                f, masks=masks, iou_predictions=iou, low_res_logits=low_res
+            ),
+        )
+        if overlay is not None:
+            outputs.file(overlay, overlay_bytes)
     return {
         "image": str(image_path),
         "weights": weights,
@@ -172,14 +200,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         summary = run(args)
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for key, value in summary.items():
-        print(f"{key}: {value}")
-    return 0
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+        return 0
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,45 @@
 
 Resumable: an image whose `<stem>.json` exists is skipped. An unreadable image prints one line
 naming it, writes nothing for it, and makes the exit status 1 (the other images are labelled).
+Settings, folders and the SAM are checked before the first image; a run that fails (a full disk,
+Ctrl-C) keeps the images it finished and leaves no half-written one, and a folder it created
+and wrote nothing into is removed.
 """
 
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
 
+from amsam_jax.automatic_mask_generator import AmgSettingError, check_generator_settings
 from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.data.sa1b import prob_path
 from amsam_jax.pretrained import PRETRAINED
 from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.pseudo_labels import label_folder
+from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.image import list_images
+from amsam_jax.utils.image import list_images, max_image_pixels
+from amsam_jax.utils.io import check_output_folder
+
+# The generator settings given on the command line (`--points-per-side` is `points_per_side`).
+AMG_SETTINGS = (
+    "points_per_side",
+    "points_per_batch",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "stability_score_offset",
+    "box_nms_thresh",
+    "crop_n_layers",
+    "crop_nms_thresh",
+    "crop_n_points_downscale_factor",
+    "min_mask_region_area",
+)
+
+
+class UsageError(AmsamError):
+    """A bad command-line setting; one line naming the flag."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,41 +74,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def generator_settings(args: argparse.Namespace) -> dict:
+    """The generator settings of the command line, checked.
+
+    Raises:
+        UsageError: a setting out of range, named as its flag (`--points-per-side: ...`).
+    """
+    settings = {name: getattr(args, name) for name in AMG_SETTINGS}
+    try:
+        check_generator_settings(**settings)
+    except AmgSettingError as e:
+        raise UsageError("--" + e.setting.replace("_", "-"), e.problem) from None
+    return settings
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and the folders above it that do not exist yet, outermost first."""
+    return [p for p in (*reversed(out.absolute().parents), out.absolute()) if not p.exists()]
+
+
+def _remove_unfinished(out: Path, before: set[str], created: list[Path]) -> None:
+    """Removes what a failed run left that no resume would use: probability sidecars written
+    for an image whose JSON (written last) is missing, and the folders it created, if empty."""
+    if out.is_dir():
+        for path in out.glob("*.prob.npz"):
+            json_path = path.with_name(path.name.removesuffix(".prob.npz") + ".json")
+            if path.name not in before and prob_path(json_path) == path and not json_path.exists():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """Checks everything cheap, loads the SAM, labels the folder; returns per-image errors."""
+    settings = generator_settings(args)
+    max_image_pixels()  # an invalid AMSAM_MAX_IMAGE_PIXELS is named once, not once per image
+    list_images(args.images)  # a missing or empty folder: one line, exit 2
+    out = check_output_folder(args.out)
+    if args.random_tiny:
+        print(
+            "WARNING: --random-tiny uses a RANDOMLY INITIALISED tiny SAM; the pseudo-labels "
+            "are meaningless (smoke test only).",
+            file=sys.stderr,
+        )
+        model = build_sam(SamConfig.tiny())
+    else:
+        model = load_pretrained(args.sam)
+    created = _missing_folders(out)
+    before = set(os.listdir(out)) if out.is_dir() else set()
+    points_per_side = settings.pop("points_per_side")
+    try:
+        errors = label_folder(
+            model, args.images, out, points_per_side, not args.no_probabilities, **settings
+        )
+    except BaseException:  # AmsamError (a full disk, ...) or Ctrl-C: clean up, then report
+        _remove_unfinished(out, before, created)
+        raise
+    if errors:
+        _remove_unfinished(out, before, created)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        list_images(args.images)  # a missing or empty folder: one line, exit 2
-        if args.random_tiny:
-            print(
-                "WARNING: --random-tiny uses a RANDOMLY INITIALISED tiny SAM; the pseudo-labels "
-                "are meaningless (smoke test only).",
-                file=sys.stderr,
-            )
-            model = build_sam(SamConfig.tiny())
-        else:
-            model = load_pretrained(args.sam)
-        errors = label_folder(
-            model,
-            args.images,
-            args.out,
-            args.points_per_side,
-            not args.no_probabilities,
-            points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_score_thresh,
-            stability_score_offset=args.stability_score_offset,
-            box_nms_thresh=args.box_nms_thresh,
-            crop_n_layers=args.crop_n_layers,
-            crop_nms_thresh=args.crop_nms_thresh,
-            crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
-            min_mask_region_area=args.min_mask_region_area,
-        )
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    return 1 if errors else 0
+
+    def body() -> int:
+        errors = run(args)
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 1 if errors else 0
+
+    return guarded(body, "images already labelled are kept; run it again to label the rest")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from amsam_jax.sum.refiner import REFINER_SAM, refine_folder, train_refiner
 from amsam_jax.training.config import apply_overrides, load_config
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.sam import resolve_sam
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.runtime import enable_compilation_cache
 
 
@@ -40,10 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
-    try:
+
+    def body() -> int:
         if args.command == "train":
             base = load_config(args.config, (SumConfig,)) if args.config else sum_recipe()
-            cfg = apply_overrides(base, args.set)
+            cfg = apply_overrides(base, args.set).validate()
             sam, sam_cfg, key, weights = resolve_sam(cfg)
             embedder = Embedder(sam.image_encoder, key)
             out = train_refiner(cfg, Path(args.workdir), sam, sam_cfg, embedder, weights)
@@ -53,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = ref / REFINER_SAM if (ref / REFINER_SAM).is_dir() else ref
             n = refine_folder(ref, args.images, args.labels, args.out, args.batch_masks)
             print(json.dumps({"written": n, "out": args.out}))
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return guarded(body, "run the same command again to resume")
 
 
 if __name__ == "__main__":

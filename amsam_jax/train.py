@@ -16,7 +16,7 @@ from amsam_jax.fewshot.trainer import train
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.trainer import train_sum
 from amsam_jax.training.config import apply_overrides, load_config
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.runtime import enable_compilation_cache
 
 
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
-    try:
+
+    def body() -> int:
         base = (
             load_config(args.config, (FewShotConfig, SumConfig))
             if args.config
@@ -45,11 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(base, args.set)
         workdir = Path(args.workdir or f"runs/{cfg.name}")
         summary = train_sum(cfg, workdir) if isinstance(cfg, SumConfig) else train(cfg, workdir)
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return guarded(body, "run the same command again to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ on >= 99.99 % of pixels.
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from sam_reference import build_official, randomize_, state_dict_numpy, to_jax
+from segment_anything import SamPredictor as OfficialPredictor
 
-torch = pytest.importorskip("torch")
-
-import torch.nn.functional as F  # noqa: E402
-from sam_reference import build_official, randomize_, state_dict_numpy, to_jax  # noqa: E402
-from segment_anything import SamPredictor as OfficialPredictor  # noqa: E402
-
-from amsam_jax import SamConfig, SamPredictor  # noqa: E402
-from amsam_jax.data.synthetic import make_scene  # noqa: E402
+from amsam_jax import SamConfig, SamPredictor
+from amsam_jax.data.synthetic import make_scene
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ never trains it; masks do not depend on it) is left out of the comparison, repor
 import argparse
 import os
 import shutil
-import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -45,8 +45,9 @@ from amsam_jax.fewshot.config import FewShotConfig
 from amsam_jax.fewshot.trainer import build_setup
 from amsam_jax.training.run import read_run_config
 from amsam_jax.training.state import restore_state, save_state
+from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.io import sha256_file
+from amsam_jax.utils.io import WriteError, atomic_outputs, check_output_file, sha256_file
 from weights_conversion.convert_sam import ConversionError, load_torch_state_dict
 from weights_conversion.mapping import Transform, target_of
 
@@ -313,14 +314,17 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-    """torch.save of the dict, written to a temporary sibling and renamed into place."""
+    """torch.save of the dict, written to a temporary sibling and renamed into place.
+
+    Raises:
+        WriteError: `path` is a directory or cannot be written (nothing is left then).
+    """
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    path = check_output_file(path)
+    obj = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
+    with atomic_outputs() as outputs:  # on a failure no file or folder of it is left
+        outputs.file(path, lambda f: torch.save(obj, f))
 
 
 def _run_setup(workdir: Path):
@@ -379,9 +383,26 @@ def import_workdir(
     }
     digest = sha256_file(source)
     meta = {"step": 0, "epoch": 0, "best_dice": 0.0, "imported_from": str(source), "sha256": digest}
-    if target.exists():
-        shutil.rmtree(target)
-    save_state(workdir, kind, state, meta)
+    # An existing checkpoint is moved aside, and back if the save fails (also on Ctrl-C).
+    aside = (
+        Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{kind}.old-"))
+        if target.exists()
+        else None
+    )
+    try:
+        if aside is not None:
+            os.replace(target, aside / kind)
+        save_state(workdir, kind, state, meta)
+    except BaseException as e:
+        shutil.rmtree(target, ignore_errors=True)  # what the failed save left
+        if aside is not None:
+            os.replace(aside / kind, target)
+            aside.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, AmsamError):
+            raise WriteError(target, f"cannot write ({e.strerror or e})", e) from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
     return {"checkpoint": str(target), "notes": notes}
 
 
@@ -406,16 +427,17 @@ def main(argv: list[str] | None = None) -> int:
         help="do not compare the file's frozen decoder tensors with the run's SAM",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.command == "export":
             result = export_workdir(args.workdir, args.output, args.kind)
         else:
             result = import_workdir(
                 args.workdir, args.input, args.kind, args.overwrite, not args.skip_frozen_check
             )
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for key, value in result.items():
-        print(f"{key}: {value}")
-    return 0
+        for key, value in result.items():
+            print(f"{key}: {value}")
+        return 0
+
+    target = args.output if args.command == "export" else Path(args.workdir) / "ckpt" / args.kind
+    return guarded(body, f"nothing was written to {target}")

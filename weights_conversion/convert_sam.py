@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from amsam_jax.build_sam import GLOBAL_ATTN_INDEXES, SamConfig
 from amsam_jax.checkpoint import (
@@ -27,8 +28,14 @@ from amsam_jax.checkpoint import (
     save_params,
     torch_default_init,
 )
-from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.io import atomic_directory, sha256_file, write_json
+from amsam_jax.utils.errors import AmsamError, first_line
+from amsam_jax.utils.io import (
+    WriteError,
+    atomic_directory,
+    check_output_folder,
+    sha256_file,
+    write_json,
+)
 from weights_conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
 from weights_conversion.torch_pickle import CheckpointReadError, UnpicklingRefused, load_state_dict
 
@@ -62,8 +69,6 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ConversionError: missing, truncated, corrupt, code-carrying or non-checkpoint file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
     try:
         sd = load_state_dict(path)
     except UnpicklingRefused as e:
@@ -71,6 +76,20 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except CheckpointReadError as e:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e.problem})") from None
     return {k: np.asarray(v, dtype=np.float32) for k, v in sd.items()}
+
+
+def check_options(image_size: int | None, num_mask_tokens: int | None) -> None:
+    """The checks of the size options that need no checkpoint (bounds from it come later).
+
+    Raises:
+        ConversionError: an image size or number of mask tokens below 1.
+    """
+    if image_size is not None and image_size < 1:
+        raise ConversionError(
+            "--image-size", f"{image_size}: must be a positive multiple of the patch size"
+        )
+    if num_mask_tokens is not None and num_mask_tokens < 1:
+        raise ConversionError("--num-mask-tokens", f"{num_mask_tokens}: must be at least 1")
 
 
 def infer_config(
@@ -128,16 +147,15 @@ def infer_config(
             f"global-attention blocks {list(global_blocks)} do not match "
             f"{detected}'s {list(expected)}"
         )
+    check_options(image_size, num_mask_tokens)
     src_tokens = sd["mask_decoder.mask_tokens.weight"].shape[0]
     src_size = src_grid * patch
-    image_size = image_size or src_size
+    image_size = src_size if image_size is None else image_size
     if image_size % patch or image_size > src_size:
         raise ConversionError(
             f"--image-size {image_size}: must be a multiple of {patch} and at most {src_size}"
         )
-    num_mask_tokens = num_mask_tokens or src_tokens
-    if num_mask_tokens < 1:
-        raise ConversionError(f"--num-mask-tokens {num_mask_tokens}: must be at least 1")
+    num_mask_tokens = src_tokens if num_mask_tokens is None else num_mask_tokens
     cfg = SamConfig.preset(
         detected,
         image_size=image_size,
@@ -175,6 +193,7 @@ def _infer_tiny_vit(
     sd: dict[str, np.ndarray], model_type: str, image_size: int | None, num_mask_tokens: int | None
 ) -> tuple[SamConfig, dict]:
     """The SamConfig of a TinyViT checkpoint (MobileSAM, LiteMedSAM) from its shapes."""
+    check_options(image_size, num_mask_tokens)
     missing = [k for k in DECODER_KEYS if k not in sd]
     if missing:
         raise ConversionError(f"not a SAM checkpoint: missing {', '.join(missing)}")
@@ -215,9 +234,7 @@ def _infer_tiny_vit(
         )
     block = "image_encoder.layers.1.blocks.0"
     src_tokens = sd["mask_decoder.mask_tokens.weight"].shape[0]
-    num_mask_tokens = num_mask_tokens or src_tokens
-    if num_mask_tokens < 1:
-        raise ConversionError(f"--num-mask-tokens {num_mask_tokens}: must be at least 1")
+    num_mask_tokens = src_tokens if num_mask_tokens is None else num_mask_tokens
     cfg = SamConfig.preset(
         detected,
         image_size=native,
@@ -290,7 +307,8 @@ def plan_conversion(
         ConversionError: listing every unmapped key, unfilled target and shape mismatch.
     """
     targets = {
-        ".".join(map(str, path)): tuple(v.shape) for path, v in abstract_state(cfg).flat_state()
+        ".".join(map(str, path)): tuple(v.shape)
+        for path, v in nnx.to_flat_state(abstract_state(cfg))
     }
     if reinit_heads is None:
         tokens = shapes.get("mask_decoder.mask_tokens.weight", (cfg.num_multimask_outputs + 1,))
@@ -299,6 +317,7 @@ def plan_conversion(
     steps: dict[str, Step] = {}
     errors: list[str] = []
     dropped: list[str] = []
+    mismatched: set[str] = set()
     for key, shape in shapes.items():
         rule = target_of(key)
         if rule is None:
@@ -323,12 +342,13 @@ def plan_conversion(
             errors.append(
                 f"shape mismatch for {key}: checkpoint {tuple(shape)}, model {targets[path]}"
             )
+            mismatched.add(path)  # reported once, not again as unfilled
         else:
             steps[path] = Step(key, transform, resize)
     reinitialized, from_config, zero_filled = [], [], []
     has_task_table = any(p.startswith(TASK_PREFIX) for p in steps)
     for path, shape in targets.items():
-        if path in steps:
+        if path in steps or path in mismatched:
             continue
         if path in ("pixel_mean", "pixel_std"):  # non-persistent torch buffers
             from_config.append(path)
@@ -339,7 +359,8 @@ def plan_conversion(
         else:
             errors.append(f"model parameter {path} {shape} has no source key")
     if errors:
-        raise ConversionError(f"{len(errors)} problem(s): " + "; ".join(errors))
+        more = f"; ... (+{len(errors) - 8} more)" if len(errors) > 8 else ""
+        raise ConversionError(f"{len(errors)} problem(s): " + "; ".join(errors[:8]) + more)
     return Plan(
         steps, tuple(reinitialized), tuple(from_config), tuple(zero_filled), targets, tuple(dropped)
     )
@@ -408,12 +429,24 @@ def convert_checkpoint(
 ) -> SamConfig:
     """Converts `ckpt` into the directory `out_dir` (atomically: all or nothing).
 
+    The options and the output location are checked before the checkpoint is read; a failed or
+    interrupted write leaves neither `out_dir` (an old one is kept) nor a temporary folder, nor
+    the parent folders it created.
+
     Returns:
         the config of the converted model.
+
+    Raises:
+        ConversionError: bad options, an unreadable or non-SAM checkpoint (see
+            `load_torch_state_dict`, `infer_config`, `plan_conversion`), an existing `out_dir`
+            without `overwrite`.
+        WriteError: an output that is a file or under one, or a failed write (disk full, ...).
     """
     out_dir = Path(out_dir).absolute()
+    check_options(image_size, num_mask_tokens)
+    check_output_folder(out_dir)  # a file in the way, a folder that is not writable
     if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+        raise ConversionError(out_dir, "already exists (pass --overwrite to replace it)")
     sd = load_torch_state_dict(ckpt)
     try:
         cfg, source = infer_config(sd, model_type, image_size, num_mask_tokens)
@@ -426,10 +459,13 @@ def convert_checkpoint(
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "source": source, **report}
 
     try:
-        # A temporary sibling renamed into place (stale ones of killed runs are removed first).
+        # A temporary sibling renamed into place (stale ones of killed runs are removed first);
+        # on a failure or Ctrl-C neither it nor the folders created above it are left.
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             save_params(tmp / PARAMS_DIR, nested)
             write_json(tmp / CONFIG_FILE, meta)
-    except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot write ({e.strerror or e})") from None
+    except WriteError:
+        raise
+    except OSError as e:  # from the params writer: disk full, ...
+        raise WriteError(out_dir, f"cannot write ({e.strerror or first_line(e)})", e) from None
     return cfg

@@ -7,11 +7,16 @@ python -m weights_conversion sam litemedsam checkpoints/litemedsam   # fetched f
 """
 
 import argparse
-import sys
+from pathlib import Path
 
 from amsam_jax.pretrained import PRETRAINED, fetch, is_name
-from amsam_jax.utils.errors import AmsamError
-from weights_conversion.convert_sam import EMBED_DIM_TO_TYPE, TINY_TYPES, convert_checkpoint
+from amsam_jax.utils.cli import guarded
+from weights_conversion.convert_sam import (
+    EMBED_DIM_TO_TYPE,
+    TINY_TYPES,
+    ConversionError,
+    convert_checkpoint,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-type", default="auto", choices=["auto", *EMBED_DIM_TO_TYPE.values(), *TINY_TYPES]
     )
-    parser.add_argument("--image-size", type=int, default=None, help="1024 (default) or 256")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size, a multiple of the patch size up to the checkpoint's (default: its own)",
+    )
     parser.add_argument("--num-mask-tokens", type=int, default=None, help="default: checkpoint's")
     parser.add_argument(
         "--reinit-heads",
@@ -39,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     args = parser.parse_args(argv)
-    try:
-        ckpt = fetch(args.ckpt) if is_name(args.ckpt) else args.ckpt
+
+    def body() -> int:
+        ckpt = args.ckpt
+        if is_name(ckpt):
+            ckpt = fetch(ckpt)
+        elif not Path(ckpt).exists() and not Path(ckpt).suffix:  # a mistyped name, likely
+            raise ConversionError(
+                ckpt, f"no such file, nor a pretrained name ({', '.join(PRETRAINED)})"
+            )
         cfg = convert_checkpoint(
             ckpt,
             args.out_dir,
@@ -50,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             args.reinit_heads,
             args.overwrite,
         )
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {args.ckpt} -> {args.out_dir} ({cfg.model_type}, {cfg.image_size} px)")
-    return 0
+        print(f"converted {args.ckpt} -> {args.out_dir} ({cfg.model_type}, {cfg.image_size} px)")
+        return 0
+
+    return guarded(body, f"nothing was written to {args.out_dir}")

@@ -9,6 +9,11 @@ carries code fails with one line naming the global and none of it runs. Storages
 bytes (the zip records of PyTorch >= 1.6, or the stream of the legacy format) and each tensor is
 rebuilt from its offset, size and stride, then copied, so views and shared storages come out as
 torch holds them and every returned array owns its memory.
+
+`dry_run` checks a checkpoint that another loader will unpickle in full (Ultralytics'
+`torch.load(weights_only=False)`): the pickle is run against stand-ins for the globals a caller's
+allow-list accepts, so nothing it names is imported from the file or called, and the first global
+outside the list is reported.
 """
 
 import dataclasses
@@ -69,6 +74,9 @@ _DTYPE_LIKE = re.compile(r"\w*Storage|(q?u?int|float|bfloat|complex|bits)\d\w*")
 # The legacy format opens with pickle.dumps(MAGIC_NUMBER, protocol=2).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _LEGACY_PROTOCOL = 1001
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.load reads a file with these first bytes as a zip, else legacy
+# Module names of protocol 0-2 pickles (Python 2's), as `pickle`'s fix_imports maps them.
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 # What a malformed pickle raises from inside the unpickler or from a rebuild called with bad args.
 _PICKLE_ERRORS = (
     pickle.UnpicklingError,
@@ -141,7 +149,25 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _Unpickler(pickle.Unpickler):
+    """What both unpicklers share: errors naming the checkpoint, one line per malformed pickle."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def error(self, problem: str) -> CheckpointReadError:
+        return CheckpointReadError(self.path, problem)
+
+    def load_object(self, what: str):
+        """Unpickles; a malformed pickle becomes one `CheckpointReadError` line."""
+        try:
+            return self.load()
+        except _PICKLE_ERRORS as e:
+            raise self.error(f"{what} is not a valid pickle ({first_line(e)})") from None
+
+
+class _RestrictedUnpickler(_Unpickler):
     """Unpickles a `data.pkl` with the allow-list; tensors come out as `_TensorRef`s.
 
     Args:
@@ -151,8 +177,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """
 
     def __init__(self, file, path: Path, *, legacy: bool = False):
-        super().__init__(file)
-        self.path = path
+        super().__init__(file, path)
         self.legacy = legacy
         self.storages: dict[str, _Storage] = {}
         self._uses: dict[str, int] = {}  # tensors per storage key, to drop a storage once read
@@ -172,9 +197,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             self._allowed["torch", name] = _Marker(name, dtype)
         for name, dtype in TORCH_DTYPES.items():
             self._allowed["torch", name] = _Marker(name, dtype)
-
-    def error(self, problem: str) -> CheckpointReadError:
-        return CheckpointReadError(self.path, problem)
 
     def find_class(self, module: str, name: str):
         found = self._allowed.get((module, name))
@@ -259,13 +281,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         self._uses[storage.key] = self._uses.get(storage.key, 0) + 1
         return _TensorRef(storage, dtype, offset, tuple(size), tuple(stride))
-
-    def load_object(self, what: str):
-        """Unpickles; a malformed pickle becomes one `CheckpointReadError` line."""
-        try:
-            return self.load()
-        except _PICKLE_ERRORS as e:
-            raise self.error(f"{what} is not a valid pickle ({first_line(e)})") from None
 
     def materialize(self, obj, read_storage: Callable[[str], bytes], swap: bool):
         """Replaces every `_TensorRef` in `obj` by its array, reading each storage once.
@@ -463,19 +478,22 @@ def load_checkpoint(path: str | os.PathLike):
     """
     path = Path(path)
     head = _read_head(path)
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith(_ZIP_MAGIC):
         return _load_zip(path)
     if head.startswith(_LEGACY_MAGIC):
         return _load_legacy(path)
+    raise CheckpointReadError(path, _format_problem(head))
+
+
+def _format_problem(head: bytes) -> str:
+    """Why a file that is neither a zip nor a legacy `torch.save` stream is not a checkpoint."""
     if head[257:262] == b"ustar":
-        problem = "a tar checkpoint of torch < 0.4; re-save it with a recent torch"
-    elif head.startswith(b"\x80"):
-        problem = "a plain pickle, not a torch.save file (zip or legacy format)"
-    elif not head:
-        problem = "an empty file, not a torch.save file"
-    else:
-        problem = "not a torch.save file (neither a zip archive nor the legacy format)"
-    raise CheckpointReadError(path, problem)
+        return "a tar checkpoint of torch < 0.4; re-save it with a recent torch"
+    if head.startswith(b"\x80"):
+        return "a plain pickle, not a torch.save file (zip or legacy format)"
+    if not head:
+        return "an empty file, not a torch.save file"
+    return "not a torch.save file (neither a zip archive nor the legacy format)"
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -509,3 +527,172 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             path, f"state dict entries that are not tensors: {', '.join(bad[:5])}{more}"
         )
     return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run: checking a pickle that another loader will unpickle in full
+
+
+class StandIn:
+    """A dry run's stand-in for an allowed global: takes any arguments and state, runs nothing.
+
+    Each allowed global gets a subclass of its own (`global_name`); what the pickle builds from
+    it is an instance, so a caller can check what the saved object is made of.
+    """
+
+    global_name = ""
+    rebuilt_only = False  # an nn.Module class: torch.save writes NEWOBJ + BUILD, never a call
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+# What an allow-list says of a global: "call" (a function or data class the pickle may call),
+# "class" (a class the pickle may only rebuild without calling it, as torch.save writes
+# nn.Modules), "getattr" (`builtins.getattr` of a public attribute of such a class) or None.
+Allow = Callable[[str, str], str | None]
+
+
+class _DryRunUnpickler(_Unpickler):
+    """Unpickles with `StandIn`s for the globals `allow` accepts; refuses the first other one."""
+
+    def __init__(self, file, path: Path, allow: Allow):
+        super().__init__(file, path)
+        self.allow = allow
+        self.storages: dict[str, int] = {}  # storage key -> bytes
+        self._stand_ins: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        module = _PY2_MODULES.get(module, module)
+        kind = self.allow(module, name)
+        if kind == "getattr":
+            return self._getattr
+        if kind not in ("call", "class"):
+            raise UnpicklingRefused(self.path, f"{module}.{name}")
+        return self._stand_in(f"{module}.{name}", rebuilt_only=kind == "class")
+
+    def _stand_in(self, global_name: str, rebuilt_only: bool = False) -> type:
+        if global_name not in self._stand_ins:
+            path = self.path
+
+            def init(obj, *args, **kwargs):
+                if type(obj).rebuilt_only:  # a call would run the class's __init__
+                    raise UnpicklingRefused(path, f"{global_name}(...)")
+
+            namespace = {"global_name": global_name, "rebuilt_only": rebuilt_only, "__init__": init}
+            name = global_name.rpartition(".")[2]
+            self._stand_ins[global_name] = type(name, (StandIn,), namespace)
+        return self._stand_ins[global_name]
+
+    def _getattr(self, obj, name):
+        # Ultralytics pickles a head's `forward` function this way (e.g. `Detect.forward`).
+        public = isinstance(name, str) and name.isidentifier() and not name.startswith("_")
+        if public and isinstance(obj, type) and issubclass(obj, StandIn) and obj.rebuilt_only:
+            return self._stand_in(f"{obj.global_name}.{name}")
+        if name in ("forward", "forward_fuse") and isinstance(obj, StandIn) and obj.rebuilt_only:
+            return self._stand_in(f"{obj.global_name}.{name}")
+        owner = getattr(obj, "global_name", type(obj).__name__)
+        raise UnpicklingRefused(self.path, f"builtins.getattr({owner}, {str(name)[:40]!r})")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise self.error(f"unknown persistent id in the pickle: {str(pid)[:60]}")
+        _, storage_type, key, _location, numel = pid
+        name = getattr(storage_type, "global_name", "").removeprefix("torch.")
+        if name in ("UntypedStorage", "storage.UntypedStorage"):
+            itemsize = 1
+        elif name in STORAGE_DTYPES:
+            itemsize = STORAGE_DTYPES[name].itemsize
+        else:
+            raise self.error(f"persistent id names {str(storage_type)[:60]}, not a storage type")
+        if not (isinstance(key, str) and _is_index(numel)):
+            raise self.error(f"malformed storage id {str(pid)[:60]}")
+        if self.storages.setdefault(key, numel * itemsize) != numel * itemsize:
+            raise self.error(f"storage {key!r} is declared twice with different sizes")
+        return self._stand_in("torch.storage")()
+
+
+def dry_run(path: str | os.PathLike, allow: Allow):
+    """Checks a zip `torch.save` file before a full unpickler reads it, running nothing of it.
+
+    The `data.pkl` record that `torch.load` will read (the archive folder is its first record's,
+    names match without case, as torch's zip reader does) is unpickled with a `StandIn` for every
+    global `allow` accepts; every storage record must exist with the declared size and every
+    record must pass its CRC.
+
+    Args:
+        path: the checkpoint file.
+        allow: the allow-list (`Allow`).
+
+    Returns:
+        the saved object built of stand-ins (dicts, lists, strings and numbers as saved).
+
+    Raises:
+        UnpicklingRefused: the first global outside the allow-list (or a call of a class that
+            may only be rebuilt, or a `getattr` of a private name); nothing was called.
+        CheckpointReadError: missing or unreadable file, not a zip `torch.save` file (the legacy
+            format cannot be checked this way), a TorchScript archive, duplicate record names,
+            corrupt records, a malformed pickle, a missing or short storage record.
+    """
+    path = Path(path)
+    head = _read_head(path)
+    if head.startswith(_LEGACY_MAGIC):
+        raise CheckpointReadError(
+            path, "the legacy torch.save format (torch < 1.6) cannot be checked; re-save it"
+        )
+    if not head.startswith(_ZIP_MAGIC):
+        raise CheckpointReadError(path, _format_problem(head))
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointReadError(
+            path, f"truncated or corrupt zip archive ({first_line(e)})"
+        ) from None
+    with archive:
+        names = archive.namelist()
+        records = {n.lower(): n for n in names}
+        if len(records) != len(names):
+            raise CheckpointReadError(path, "a zip archive with duplicate record names")
+        folder = names[0].partition("/")[0] if names and "/" in names[0] else None
+        data_name = records.get(f"{folder}/data.pkl".lower()) if folder else None
+        if data_name is None:
+            raise CheckpointReadError(path, "a zip archive without data.pkl, not a torch.save file")
+        if f"{folder}/constants.pkl".lower() in records:
+            raise CheckpointReadError(
+                path, "a TorchScript archive (torch.jit.save), not a torch.save checkpoint"
+            )
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+            raise CheckpointReadError(path, f"corrupt zip archive ({first_line(e)})") from None
+        if bad is not None:
+            raise CheckpointReadError(path, f"corrupt zip record {bad!r} (CRC mismatch)")
+        unpickler = _DryRunUnpickler(io.BytesIO(archive.read(data_name)), path, allow)
+        obj = unpickler.load_object(data_name)
+        for key, nbytes in unpickler.storages.items():
+            name = records.get(f"{folder}/data/{key}".lower())
+            if name is None:
+                raise CheckpointReadError(
+                    path, f"the zip archive has no record '{folder}/data/{key}'"
+                )
+            size = archive.getinfo(name).file_size
+            if size != nbytes:
+                raise CheckpointReadError(
+                    path, f"record {name!r} holds {size} bytes, the pickle declares {nbytes}"
+                )
+    return obj

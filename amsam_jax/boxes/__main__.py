@@ -1,14 +1,20 @@
 """CLI: precompute YOLOv8 box prompts for a data folder (DIR/{train,test}/images).
 
 python -m amsam_jax.boxes --detector yolov8n.onnx --data data/tiktok --output boxes.json
+
+An existing `--output` is resumed (entries of unchanged images are kept). Flags, data folder,
+output and detector are checked before the first image; a run stopped by an error or Ctrl-C
+keeps the images it finished in `--output`, and one that finished none writes nothing.
 """
 
 import argparse
 import sys
 
 from amsam_jax.boxes.box_file import FALLBACKS, SPLITS, compute_box_file, list_split_images
-from amsam_jax.boxes.detector import POLICIES, YoloDetector
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.boxes.detector import POLICIES, BoxError, YoloDetector
+from amsam_jax.utils.cli import guarded
+from amsam_jax.utils.image import max_image_pixels
+from amsam_jax.utils.io import check_output_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,13 +37,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def check_settings(args: argparse.Namespace) -> None:
+    """The numeric flags, the output and the pixel-limit setting, before the detector loads.
+
+    Raises:
+        AmsamError: one line naming the flag or file.
+    """
     for flag, value in (("--conf", args.conf), ("--iou", args.iou)):
         if not 0 <= value <= 1:
-            print(f"error: {flag}: {value} is not in [0, 1]", file=sys.stderr)
-            return 2
-    try:
+            raise BoxError(flag, f"{value} is not in [0, 1]")
+    for flag, value in (("--imgsz", args.imgsz), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise BoxError(flag, f"must be >= 1, got {value}")
+    check_output_file(args.output)
+    max_image_pixels()  # an invalid AMSAM_MAX_IMAGE_PIXELS is named before any image is read
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def body() -> int:
+        check_settings(args)
         paths = list_split_images(args.data, args.split)
         detector = YoloDetector(args.detector, imgsz=args.imgsz, batch_size=args.batch_size)
         data = compute_box_file(
@@ -51,17 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             fallback=args.fallback,
             progress=not args.no_progress,
         )
-    except AmsamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    entries = [data["boxes"][p.stem] for p in paths]
-    fallbacks = sum(e["fallback"] for e in entries)
-    print(
-        f"{args.output}: {len(entries)} images, {fallbacks} without detection -> "
-        f"fallback {args.fallback} ({100 * fallbacks / len(entries):.1f}%); "
-        f"detector {detector.name} on {detector.providers[0]}"
-    )
-    return 0
+        entries = [data["boxes"][p.stem] for p in paths]
+        fallbacks = sum(e["fallback"] for e in entries)
+        print(
+            f"{args.output}: {len(entries)} images, {fallbacks} without detection -> "
+            f"fallback {args.fallback} ({100 * fallbacks / len(entries):.1f}%); "
+            f"detector {detector.name} on {detector.providers[0]}"
+        )
+        return 0
+
+    return guarded(body, "images already done are kept in the box file; run it again to resume")
 
 
 if __name__ == "__main__":

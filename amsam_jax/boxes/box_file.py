@@ -2,9 +2,11 @@
 
 A JSON file keyed by image stem (docs/fewshot.md §6.1). `compute_box_file` reuses entries whose
 detector settings and image SHA-256 match, and rewrites the file atomically as it goes, so a
-killed run resumes where it stopped.
+killed run resumes where it stopped. A run that fails before it finished any image writes
+nothing: no empty or partial box file is ever left in place of a missing one.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,9 +30,22 @@ from amsam_jax.boxes.detector import (
     select_box,
 )
 from amsam_jax.boxes.geometry import Letterbox, letterbox
-from amsam_jax.data.folder import list_samples, read_mask_file
-from amsam_jax.utils.image import ImageReadError, list_images, read_image
-from amsam_jax.utils.io import sha256_bytes, sha256_file, write_json
+from amsam_jax.data.folder import (
+    DataError,
+    check_mask_size,
+    list_samples,
+    read_mask_file,
+    resize_nearest,
+)
+from amsam_jax.utils.image import ImageReadError, image_size, list_images, read_image
+from amsam_jax.utils.io import (
+    WriteError,
+    atomic_outputs,
+    check_output_file,
+    remove_stale_temporaries,
+    sha256_bytes,
+    sha256_file,
+)
 
 FALLBACKS = ("full_image", "none")
 SPLITS = ("train", "test")
@@ -55,6 +70,10 @@ def list_split_images(data_dir: str | os.PathLike, split: str = "all") -> list[P
     data_dir = Path(data_dir)
     if split not in (*SPLITS, "all"):
         raise BoxError(data_dir, f"unknown split {split!r}; expected train, test or all")
+    if not data_dir.exists():
+        raise BoxError(data_dir, "no such folder")
+    if not data_dir.is_dir():
+        raise BoxError(data_dir, "not a folder")
     splits = SPLITS if split == "all" else (split,)
     folders = [data_dir / s / "images" for s in splits]
     if split == "all":
@@ -102,15 +121,21 @@ def load_box_file(path: str | os.PathLike) -> dict[str, Any]:
         {"detector": {...}, "boxes": {stem: {"box", "score", "class", "fallback", ...}}}.
 
     Raises:
-        BoxError: missing file, invalid JSON or not a box file.
+        BoxError: missing file, a folder, invalid JSON or not a box file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BoxError(path, "is a directory, not a box file")
     if not path.is_file():
         raise BoxError(path, "no such file")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BoxError(path, f"not a JSON box file ({e})") from e
+    except UnicodeDecodeError:
+        raise BoxError(path, "not a box file (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise BoxError(path, f"not a JSON box file ({e})") from None
+    except OSError as e:
+        raise BoxError(path, f"cannot read ({e.strerror or e})") from None
     if not (isinstance(data, dict) and isinstance(data.get("detector"), dict)):
         raise BoxError(path, "not a box file (no 'detector' section)")
     if not isinstance(data.get("boxes"), dict):
@@ -119,10 +144,14 @@ def load_box_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes atomically (temporary file + `os.replace`): a killed run leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, data, indent=1)
+    """Writes atomically (temporary file + `os.replace`): a killed run leaves the old file.
+
+    Raises:
+        WriteError: (an `AmsamError`) the file or its folder cannot be written; a folder
+            created for it is removed again.
+    """
+    with atomic_outputs() as outputs:
+        outputs.file(path, json.dumps(data, indent=1) + "\n")
 
 
 def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict[str, Any]:
@@ -133,8 +162,12 @@ def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict
     exclusive, as a detector's), `boxes_all` one box per distinct non-zero mask value. An image
     whose mask is empty gets the full-image fallback.
 
+    A mask stored at a lower resolution (same aspect ratio, `data.folder.same_aspect`) is resized
+    to its image first, so the boxes are in image pixels.
+
     Raises:
-        DataError: as `list_samples`, or an unreadable mask.
+        DataError: as `list_samples`, an unreadable mask or image header, or a mask of another
+            aspect ratio.
     """
     data_dir = Path(data_dir)
     splits = [s for s in SPLITS if (data_dir / s).is_dir()] if split == "all" else [split]
@@ -144,7 +177,12 @@ def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict
     for name in splits:
         for sample in list_samples(data_dir, name):
             values = read_mask_file(sample.mask_path)
-            h, w = values.shape
+            try:
+                h, w = image_size(sample.image_path)
+            except ImageReadError as e:
+                raise DataError(e.path, e.problem) from None
+            check_mask_size(sample, values.shape, (h, w))
+            values = resize_nearest(values, (h, w))  # boxes in image pixels, as a detector's
             found = []
             for v in np.unique(values[values != 0]):
                 ys, xs = np.nonzero(values == v)
@@ -206,7 +244,9 @@ def compute_box_file(
 
     Entries of an existing `output` whose image SHA-256 matches are reused; its detector settings
     (model SHA-256, imgsz, thresholds, classes, policy, fallback, max_det) must match. The file is
-    rewritten atomically every `save_every` seconds and when the run stops, also on an error.
+    rewritten atomically every `save_every` seconds and when the run stops, also on an error,
+    as long as it has new entries: a run that fails before finishing an image leaves `output`
+    as it was (absent, or the previous file).
 
     Args:
         detector: a YoloDetector or a path to the ONNX export.
@@ -225,8 +265,12 @@ def compute_box_file(
         The box file: {"detector": {...}, "boxes": {stem: entry}}.
 
     Raises:
-        BoxError: a bad detector, image or existing box file.
+        BoxError: a bad detector, image or existing box file, or a detector that fails.
+        WriteError: `output` cannot be written (checked before the detector is loaded).
     """
+    if output is not None:
+        check_output_file(output)
+        remove_stale_temporaries(output)  # of a killed run; the box file has one writer
     if policy not in POLICIES:
         raise BoxError(output or "<boxes>", f"unknown policy {policy!r}; expected {POLICIES}")
     if fallback not in FALLBACKS:
@@ -269,7 +313,10 @@ def compute_box_file(
     def load(path: Path) -> _Loaded:
         if not path.is_file():
             raise BoxError(path, "no such file")
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise BoxError(path, f"cannot read ({e.strerror or e})") from None
         sha = sha256_bytes(raw)
         if boxes.get(path.stem, {}).get("image_sha256") == sha:
             return _Loaded(path, sha, None, None, None)
@@ -281,11 +328,21 @@ def compute_box_file(
         return _Loaded(path, sha, image.shape[:2], boxed, geometry)
 
     def flush(batch: list[_Loaded]) -> None:
+        nonlocal unsaved
         raw = detector.run(np.stack([item.boxed for item in batch]))
         for pred, item in zip(raw, batch, strict=True):
             det = postprocess(pred, item.geometry, conf, iou, class_ids, max_det)
             boxes[item.path.stem] = _entry(det, item.image_shape, item.sha, policy, fallback)
+        unsaved = True
 
+    def save() -> None:  # only when there is something new: never an empty file
+        nonlocal unsaved, last_save
+        if output is not None and unsaved:
+            write_box_file(data, output)
+            unsaved = False
+        last_save = time.monotonic()
+
+    unsaved = False
     last_save = time.monotonic()
     batch: list[_Loaded] = []
     bar = tqdm(total=len(paths), disable=not progress, unit="img", desc="boxes")
@@ -299,14 +356,17 @@ def compute_box_file(
                 batch = []
             if item.boxed is None:
                 bar.update(1)
-            if output is not None and time.monotonic() - last_save > save_every:
-                write_box_file(data, output)
-                last_save = time.monotonic()
+            if time.monotonic() - last_save > save_every:
+                save()
         if batch:
             flush(batch)
             bar.update(len(batch))
+    except BaseException:  # an error or Ctrl-C: keep what was finished, for the resume
+        with contextlib.suppress(WriteError):  # the error that stopped the run is reported
+            save()
+        raise
     finally:
         bar.close()
-        if output is not None:
-            write_box_file(data, output)
+    unsaved = True  # a complete run writes the file, also when every entry was reused
+    save()
     return data

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from amsam_jax.boxes.geometry import Letterbox, letterbox, scale_boxes
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import sha256_file
 from amsam_jax.utils.nms import nms
 
@@ -110,12 +110,21 @@ def select_box(detections: Detections, policy: str) -> tuple[np.ndarray, float, 
     return box, float(detections.scores[0]), int(detections.classes[0])
 
 
-def _parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    """Ultralytics writes Python literals (`str(dict)`) into ONNX metadata_props."""
+def _parse_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """Ultralytics writes Python literals (`str(dict)`) into ONNX metadata_props.
+
+    Raises:
+        BoxError: a `stride`, `batch` or `channels` entry that is not a positive whole number.
+    """
     out = {}
     for key, value in raw.items():
         if key in ("stride", "batch", "channels"):
-            out[key] = int(value)
+            try:
+                out[key] = int(value)
+            except ValueError:
+                out[key] = 0
+            if out[key] < 1:
+                raise BoxError(path, f"metadata {key}={value!r} is not a positive whole number")
         elif key in ("imgsz", "names", "args", "end2end", "kpt_shape"):
             try:
                 out[key] = ast.literal_eval(value)
@@ -157,25 +166,28 @@ class YoloDetector:
             providers: ONNX Runtime providers; default CUDA when available, then CPU.
 
         Raises:
-            BoxError: missing, non-ONNX or corrupt file, or outputs that are not a YOLOv8 head.
+            BoxError: missing, non-ONNX or corrupt file, an input that is not one float
+                (B, 3, H, W) image, outputs that are not a YOLOv8 head, bad metadata, or an
+                `imgsz` / `batch_size` below 1 (named as such).
         """
         # Imported here: reading box files (the trainer) must not need ONNX Runtime.
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise BoxError(self.path, "is a directory, not an ONNX model")
         if not self.path.is_file():
             raise BoxError(self.path, "no such file")
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise BoxError("batch_size", f"must be >= 1, got {batch_size!r}")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider",) if p in available]
             providers.append("CPUExecutionProvider")
-        load_errors = (
-            ort_errors.InvalidProtobuf,
-            ort_errors.InvalidArgument,
-            ort_errors.InvalidGraph,
-            ort_errors.NoSuchFile,
-            ort_errors.Fail,
+        # Every error class of ONNX Runtime's bindings (all plain Exception subclasses).
+        self._ort_errors = tuple(
+            v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception)
         )
         options = ort.SessionOptions()
         # No busy-waiting between runs: spinning workers would starve the thread that decodes and
@@ -183,12 +195,13 @@ class YoloDetector:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
-        except load_errors as e:
-            raise BoxError(self.path, f"not a loadable ONNX model ({e})") from e
+        except self._ort_errors as e:
+            raise BoxError(self.path, f"not a loadable ONNX model ({first_line(e)})") from None
         self.providers = self.session.get_providers()
         self.name = self.path.name
         self.sha256 = sha256_file(self.path)
-        self.metadata = _parse_metadata(self.session.get_modelmeta().custom_metadata_map)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = _parse_metadata(meta, self.path)
         self._check_head()
         self._resolve_settings(imgsz, batch_size)
 
@@ -245,7 +258,15 @@ class YoloDetector:
         self.stride = int(self.metadata.get("stride", DEFAULT_STRIDE))
         default = tuple(input_hw) if static_hw else self.metadata.get("imgsz", DEFAULT_IMGSZ)
         size = default if imgsz is None else imgsz
-        self.imgsz = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        size = [size] if isinstance(size, int) else size
+        if (
+            not isinstance(size, list | tuple)
+            or len(size) not in (1, 2)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            where, what = ("imgsz", "") if imgsz is not None else (self.path, "metadata imgsz ")
+            raise BoxError(where, f"{what}{size!r} is not a size (a positive number or h, w)")
+        self.imgsz = (size[0], size[-1])
         if missing:
             warnings.warn(
                 f"{self.path}: no Ultralytics metadata {missing}; assuming names "
@@ -259,6 +280,8 @@ class YoloDetector:
                 self.path, f"imgsz {self.imgsz} is not a multiple of stride {self.stride}"
             )
         static_batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
+        if static_batch is not None and static_batch < 1:
+            raise BoxError(self.path, f"static batch size {static_batch}; expected >= 1")
         self.batch_size = static_batch or batch_size or 4
         self.dtype = np.float16 if self.input.type == "tensor(float16)" else np.float32
 
@@ -290,6 +313,9 @@ class YoloDetector:
 
         Returns:
             (B, 4 + nc, N) float32 raw head output.
+
+        Raises:
+            BoxError: ONNX Runtime failed, or the output does not have the head's shape.
         """
         x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))  # (B, 3, h, w)
         x = np.divide(x, 255, dtype=np.float32).astype(self.dtype, copy=False)
@@ -301,8 +327,18 @@ class YoloDetector:
                 chunk = np.concatenate(
                     [chunk, np.zeros_like(chunk[:1]).repeat(self.batch_size - n, 0)]
                 )
-            out = self.session.run(None, {self.input.name: chunk})[0][:n]
-            outputs.append(out.astype(np.float32, copy=False))
+            try:
+                out = self.session.run(None, {self.input.name: chunk})[0]
+            except self._ort_errors as e:
+                raise BoxError(self.path, f"inference failed ({first_line(e)})") from None
+            out = np.asarray(out)
+            if out.ndim != 3 or out.shape[0] < n or out.shape[1] != 4 + self.num_classes:
+                raise BoxError(
+                    self.path,
+                    f"inference gave an output of shape {out.shape}, expected "
+                    f"({len(chunk)}, {4 + self.num_classes}, N)",
+                )
+            outputs.append(out[:n].astype(np.float32, copy=False))
         return np.concatenate(outputs)
 
 

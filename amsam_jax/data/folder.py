@@ -1,8 +1,17 @@
 """The segmentation folder format: `DIR/<split>/images/*` with masks `DIR/<split>/masks/<stem>.png`.
 
 Images are paired with their masks by file stem; a mask's non-zero values are foreground (binary
-tasks) or one instance/class each. Pairing checks the folder structure only; file contents are
-checked when a sample is read (`load_sample`), so listing a large pool stays cheap.
+tasks) or one instance/class each. OS junk and hidden files (`.DS_Store`, `Thumbs.db`,
+`desktop.ini`, AppleDouble `._*`, any name starting with ".") are never samples. Pairing checks
+the folder structure only; file contents are checked when a sample is read (`load_sample`), so
+listing a large pool stays cheap.
+
+A mask may be stored at another resolution than its image if the aspect ratio is the same
+(`same_aspect`): the Human Segmentation Dataset stores 198 of its 290 masks smaller than their
+photos (e.g. 551x454 for a 1280x1055 photo). Such a mask is resized with nearest neighbour, never
+interpolated, to the frame its consumer needs: the few-shot preprocessing zooms it straight to
+the model frame, as the reference resizes image and label independently (docs/fewshot.md §4.1);
+every other reader gets it at its image's resolution (`load_sample`).
 """
 
 import dataclasses
@@ -14,9 +23,18 @@ import numpy as np
 
 from amsam_jax.modeling.prompt_encoder import task_id
 from amsam_jax.utils.errors import AmsamError
-from amsam_jax.utils.image import ImageReadError, list_images, read_image, read_mask_values
+from amsam_jax.utils.image import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    is_junk,
+    list_images,
+    read_image,
+    read_mask_values,
+)
 
 MASK_SUFFIX = ".png"
+# Unpaired files named in an error message (the first one is also its path).
+NAMED_IN_ERRORS = 3
 
 
 class DataError(AmsamError):
@@ -36,19 +54,45 @@ class Sample:
 # Folders
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is never data: OS junk (`utils.image.is_junk`) or hidden.
+
+    Args:
+        name: a file name (not a path).
+
+    Returns:
+        True for `.DS_Store`, `Thumbs.db`, `desktop.ini` (any case), AppleDouble `._*` files and
+        every other name starting with ".".
+    """
+    return name.startswith(".") or is_junk(name)
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """The images of one folder in plain string order of their names (`utils.image.list_images`).
 
     String order is what "first/last N" refers to (docs/fewshot.md §4.2):
-    "1.jpg" < "10.jpg" < "100.jpg" < "101.jpg" < ... < "2.jpg".
+    "1.jpg" < "10.jpg" < "100.jpg" < "101.jpg" < ... < "2.jpg". Suffixes match in any case
+    (".JPG"); OS junk and hidden files (`is_hidden`) are skipped.
 
     Raises:
         DataError: missing folder, no images, or two images with the same stem.
     """
     try:
-        return list_images(folder)
+        found = list_images(folder)
     except ImageReadError as e:
         raise DataError(e.path, e.problem) from None
+    visible = [p for p in found if not is_hidden(p.name)]
+    if not visible:
+        raise DataError(folder, f"no images ({', '.join(IMAGE_SUFFIXES)}; hidden files ignored)")
+    return visible
+
+
+def _listed(paths: list[Path], what: str) -> str:
+    """'; N <what>: a, b, c, ...' for more than one path (the first is the error's path)."""
+    if len(paths) < 2:
+        return ""
+    names = ", ".join(p.name for p in paths[:NAMED_IN_ERRORS])
+    return f"; {len(paths)} {what}: {names}{', ...' if len(paths) > NAMED_IN_ERRORS else ''}"
 
 
 def pair_images_and_masks(
@@ -59,7 +103,9 @@ def pair_images_and_masks(
     """Pairs every image of `image_dir` with the mask `mask_dir/mask_name(stem)`.
 
     Every image needs its mask and every PNG in `mask_dir` needs its image: an unpaired file is
-    an error, never a silent skip (a stray file would shift the "first N" selection).
+    an error, never a silent skip (a stray file would shift the "first N" selection). The mask's
+    suffix matches in any case (`1.PNG` is the mask of `1.jpg`); other files of `mask_dir`
+    (LICENSE.txt, ...) and OS junk or hidden files of either folder are ignored.
 
     Args:
         image_dir: the images.
@@ -70,27 +116,47 @@ def pair_images_and_masks(
         Samples in the sorted order of the image file names.
 
     Raises:
-        DataError: as `list_image_files`, a missing mask folder, an image without its mask or a
-            mask without its image.
+        DataError: as `list_image_files`; a missing mask folder; images without a mask or masks
+            without an image (the first one's path, and how many in total with the next names);
+            two masks for one image (`a.png` and `a.PNG`).
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     images = list_image_files(image_dir)
     if not mask_dir.is_dir():
         raise DataError(mask_dir, "no such folder")
-    masks = {p.name for p in mask_dir.iterdir() if p.suffix.lower() == MASK_SUFFIX}
-    samples = []
+    try:
+        files = sorted(
+            (p for p in mask_dir.iterdir() if not is_hidden(p.name) and p.is_file()),
+            key=lambda p: p.name,
+        )
+    except OSError as e:
+        raise DataError(mask_dir, f"cannot list folder ({e.strerror or e})") from None
+    masks: dict[str, Path] = {}  # "<stem>.png" (suffix lower-cased) -> mask file
+    for p in files:
+        if p.suffix.lower() != MASK_SUFFIX:
+            continue
+        key = p.stem + MASK_SUFFIX
+        if key in masks:
+            raise DataError(p, f"two masks for one image (also {masks[key].name})")
+        masks[key] = p
+    samples, missing = [], []
     for image_path in images:
         name = mask_name(image_path.stem)
-        if name not in masks:
-            others = sorted(p.name for p in mask_dir.glob(f"{image_path.stem}.*"))
-            hint = f" (found {', '.join(others)}: masks must be PNG)" if others else ""
-            raise DataError(image_path, f"no mask {mask_dir / name}{hint}")
-        masks.remove(name)
-        samples.append(Sample(image_path.stem, image_path, mask_dir / name))
+        mask = masks.pop(Path(name).stem + Path(name).suffix.lower(), None)
+        if mask is None:
+            missing.append(image_path)
+        else:
+            samples.append(Sample(image_path.stem, image_path, mask))
+    if missing:
+        name = mask_name(missing[0].stem)
+        others = [p.name for p in files if p.stem == Path(name).stem]
+        hint = f" (found {', '.join(others)}: masks must be PNG)" if others else ""
+        more = _listed(missing, "images without a mask")
+        raise DataError(missing[0], f"no mask {mask_dir / name}{hint}{more}")
     if masks:
-        first = sorted(masks)[0]
-        more = f" (and {len(masks) - 1} more)" if len(masks) > 1 else ""
-        raise DataError(mask_dir / first, f"mask without image in {image_dir}{more}")
+        extra = sorted(masks.values(), key=lambda p: p.name)
+        more = _listed(extra, "masks without an image")
+        raise DataError(extra[0], f"mask without image in {image_dir}{more}")
     return samples
 
 
@@ -98,8 +164,8 @@ def list_samples(data_dir: str | os.PathLike, split: str) -> list[Sample]:
     """Lists `DIR/<split>/images/*` paired with `DIR/<split>/masks/<stem>.png`.
 
     Only the folder structure is checked here; file contents (corrupt files, a mask of another
-    size than its image) are checked when a sample is read (`load_sample`), so listing a large
-    pool stays cheap and every sample that a run uses is checked before training starts.
+    aspect ratio than its image) are checked when a sample is read (`load_sample`), so listing a
+    large pool stays cheap and every sample that a run uses is checked before training starts.
 
     Args:
         data_dir: the data folder.
@@ -125,7 +191,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Reads a mask file as a binary label: value > 0 is foreground (first channel if several).
 
     EXIF orientation is applied as for images. 8-bit, 16-bit, palette (index > 0) and 1-bit
-    masks are accepted.
+    masks are accepted. The mask keeps its own resolution (`load_sample` pairs it with its image).
 
     Returns:
         (H, W) bool.
@@ -148,26 +214,78 @@ def read_mask_file(path: str | os.PathLike) -> np.ndarray:
         raise DataError(e.path, e.problem) from None
 
 
-def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a sample's image and mask at original resolution.
+def same_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether a mask of `mask_size` is its image of `image_size` scaled by one factor.
+
+    True when some s > 0 has both |h - s·H| <= 1 and |w - s·W| <= 1: the image scaled and each
+    side rounded either way (551x454 for 1280x1055). Integer arithmetic, no rounding of its own.
+
+    Args:
+        mask_size: (h, w).
+        image_size: (H, W).
+    """
+    (h, w), (big_h, big_w) = mask_size, image_size
+    # The intervals [(h-1)/H, (h+1)/H] and [(w-1)/W, (w+1)/W] of s intersect.
+    return (h - 1) * big_w <= (w + 1) * big_h and (w - 1) * big_h <= (h + 1) * big_w
+
+
+def resize_nearest(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resizes a (h, w) mask or label map to `size` = (H, W) with nearest neighbour.
+
+    Pixel-centre sampling in exact integer arithmetic: output row i reads input row
+    floor((i + 0.5)·h / H), columns alike, so values are copied, never mixed (any dtype). PIL's
+    NEAREST is the same rule in floating point; it can differ where (i + 0.5)·h / H is a whole
+    number.
 
     Returns:
-        (H, W, 3) uint8 RGB image and (H, W) bool mask.
+        (H, W) array of `values.dtype`; `values` itself when the size is already `size`.
+    """
+    h, w = values.shape[:2]
+    big_h, big_w = size
+    if (h, w) == (big_h, big_w):
+        return values
+    rows = np.minimum((2 * np.arange(big_h) + 1) * h // (2 * big_h), h - 1)
+    cols = np.minimum((2 * np.arange(big_w) + 1) * w // (2 * big_w), w - 1)
+    return values[rows[:, None], cols[None, :]]
+
+
+def check_mask_size(sample: Sample, mask_size: tuple[int, int], image_size: tuple[int, int]):
+    """Accepts a mask of its image's size or of the same aspect ratio (`same_aspect`).
 
     Raises:
-        DataError: a file is missing or corrupt, or the mask size differs from the image size.
+        DataError: another aspect ratio; one line naming the mask, the image and both sizes.
+    """
+    if not same_aspect(mask_size, image_size):
+        raise DataError(
+            sample.mask_path,
+            f"mask is {mask_size[1]}x{mask_size[0]} (WxH), image {sample.image_path} is "
+            f"{image_size[1]}x{image_size[0]}: another aspect ratio (not this image's mask?)",
+        )
+
+
+def load_sample(sample: Sample, resize_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a sample's image and mask.
+
+    A mask of another size than its image but the same aspect ratio (`same_aspect`) is
+    accepted: with `resize_mask` it is resized to the image's (H, W) by `resize_nearest`, so
+    every pixel of the image has its label (evaluation at original resolution, export, SUM).
+    `resize_mask=False` keeps the mask's own resolution for a caller that resizes it itself (the
+    few-shot preprocessing zooms it straight to the model frame).
+
+    Returns:
+        (H, W, 3) uint8 RGB image and (H, W) bool mask ((h, w) without `resize_mask`).
+
+    Raises:
+        DataError: a file is missing or corrupt, or the mask has another aspect ratio.
     """
     try:
         image = read_image(sample.image_path)
     except ImageReadError as e:
         raise DataError(e.path, e.problem) from None
     mask = read_mask(sample.mask_path)
-    if mask.shape != image.shape[:2]:
-        raise DataError(
-            sample.mask_path,
-            f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH), "
-            f"image {sample.image_path.name} is {image.shape[1]}x{image.shape[0]}",
-        )
+    check_mask_size(sample, mask.shape, image.shape[:2])
+    if resize_mask:
+        mask = resize_nearest(mask, image.shape[:2])
     return image, mask
 
 
@@ -187,15 +305,22 @@ def parse_labelled(spec: str) -> tuple[Path, int]:
     return Path(path), tid
 
 
-def read_instance_masks(path: str | os.PathLike) -> np.ndarray:
+def read_instance_masks(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file as one binary mask per distinct non-zero value (sorted), (K, H, W) bool.
 
     A binary (0/255) mask gives one mask; an instance or class map gives one per id.
+
+    Args:
+        path: the mask file.
+        size: (H, W) to resize the value map to with `resize_nearest` (its image's size, after
+            `load_sample` checked the aspect ratio); None keeps the file's size.
 
     Raises:
         DataError: missing or unreadable file.
     """
     arr = read_mask_file(path)
+    if size is not None:
+        arr = resize_nearest(arr, size)
     ids = np.unique(arr)
     ids = ids[ids != 0]
     return arr[None] == ids[:, None, None]

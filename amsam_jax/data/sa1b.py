@@ -226,6 +226,8 @@ def iter_pseudo_labels(
 ) -> Iterator[PseudoLabelItem]:
     """Iterates a folder of images with `<stem>.json` (+ optional `<stem>.prob.npz`), by name.
 
+    OS junk (`.DS_Store`, AppleDouble `._*`, ...) and other hidden files are not images.
+
     Args:
         images_dir: the images.
         labels_dir: where the annotation files are (default: next to the images).
@@ -236,6 +238,8 @@ def iter_pseudo_labels(
     """
     labels_dir = Path(images_dir if labels_dir is None else labels_dir)
     for image_path in list_images(images_dir):
+        if image_path.name.startswith("."):  # hidden; `list_images` already skips OS junk
+            continue
         json_path = labels_dir / f"{image_path.stem}.json"
         if not json_path.exists():
             raise PseudoLabelError(f"{json_path}: missing annotation file for {image_path.name}")

@@ -6,9 +6,9 @@ mask thresholded at logit 0 at the original resolution, Dice and IoU per image (
 baseline a fine-tuned model is compared with.
 """
 
+import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from amsam_jax.evaluation import EvaluateError
 from amsam_jax.evaluation.metrics import dice_per_class, iou_per_class
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.predictor import SamPredictor
-from amsam_jax.utils.io import write_json
+from amsam_jax.utils.io import atomic_outputs, check_output_file
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray | None:
@@ -89,7 +89,11 @@ def evaluate_box_folder(
 
     Returns:
         the result without the per-image rows, plus "output", "data_dir", "split", "boxes".
+
+    Raises:
+        AmsamError: a bad folder, box file or output (checked before any image is predicted).
     """
+    out = check_output_file(output)
     samples = list_samples(data_dir, split)
     box_file = None if boxes is None else load_box_file(boxes)
     result = evaluate_box_prompts(sam, samples, box_file)
@@ -98,9 +102,8 @@ def evaluate_box_folder(
         split=split,
         boxes=str(boxes) if boxes else "tight boxes of the ground-truth masks",
     )
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    with atomic_outputs() as outputs:
+        outputs.file(out, json.dumps(result, indent=2) + "\n")
     summary = {k: v for k, v in result.items() if k != "per_image"}
     summary["output"] = str(out)
     return summary

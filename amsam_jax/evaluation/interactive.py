@@ -7,6 +7,7 @@ reaches the model only through a caller-supplied `predict`; `evaluate_interactiv
 """
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from scipy import ndimage
 from amsam_jax.data.folder import list_samples, load_sample, parse_labelled, read_instance_masks
 from amsam_jax.evaluation import EvaluateError
 from amsam_jax.evaluation.metrics import as_bool_mask, boundary_iou, mask_iou
-from amsam_jax.evaluation.plots import plot_metric_vs_clicks
+from amsam_jax.evaluation.plots import figure_bytes, figure_format, metric_vs_clicks_figure
 from amsam_jax.predictor import SamPredictor
 from amsam_jax.pretrained import load as load_pretrained
-from amsam_jax.utils.io import write_json
+from amsam_jax.utils.io import atomic_outputs, check_output_file
 
 # predict(coords (k, 2), labels (k,), mask_input (1, L, L) or None, multimask)
 #   -> (logits at GT resolution (K, H, W), iou_pred (K,), low-res logits (K, L, L))
@@ -154,7 +155,7 @@ def labelled_eval_masks(specs: Sequence[str], split: str, max_images: int | None
             if max_images is not None and len(out) >= max_images:
                 return out
             image, _ = load_sample(sample)
-            masks = read_instance_masks(sample.mask_path)
+            masks = read_instance_masks(sample.mask_path, image.shape[:2])
             if len(masks):
                 out.append(EvalImage(sample.image_path.stem, image, masks, task))
     return out
@@ -242,10 +243,18 @@ def evaluate_interactive_folders(
         the result without the per-mask rows, plus "output" and "plot".
 
     Raises:
-        AmsamError: bad settings or folders (one line).
+        AmsamError: bad settings, folders or outputs (one line), all checked before the model
+            is loaded. The JSON and the plot are written together: both or neither.
     """
     if clicks < 1:
         raise EvaluateError("--clicks", f"must be >= 1, got {clicks}")
+    if max_images is not None and max_images < 1:
+        raise EvaluateError("--max-images", f"must be >= 1, got {max_images}")
+    out = check_output_file(output)
+    plot = check_output_file(plot or out.with_suffix(".png"))
+    figure_format(plot)
+    if plot.absolute() == out.absolute():
+        raise EvaluateError("--plot", f"{plot} is also the result file; give another --plot")
     for t in tasks:
         if t not in INTERACTIVE_TASKS:
             raise EvaluateError("--task", f"{t!r}: expected none, 0, 1, 2, 3 or matched")
@@ -258,11 +267,10 @@ def evaluate_interactive_folders(
         raise EvaluateError(None, f"no images with masks in {', '.join(data)} ({split})")
     result = evaluate_interactive(load_pretrained(sam_dir), images, clicks, tasks)
     result.update({"sam": str(sam_dir), "data": list(data), "split": split})
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    plot = Path(plot or out.with_suffix(".png"))
-    plot_metric_vs_clicks(result[f"task_{tasks[0]}"], plot)
+    plot_data = figure_bytes(metric_vs_clicks_figure(result[f"task_{tasks[0]}"]), plot)
+    with atomic_outputs() as outputs:
+        outputs.file(out, json.dumps(result, indent=2) + "\n")
+        outputs.file(plot, plot_data)
     summary = {k: v for k, v in result.items() if k != "per_mask"}
     summary.update({"output": str(out), "plot": str(plot)})
     return summary

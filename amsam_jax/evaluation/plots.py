@@ -1,23 +1,90 @@
 """Run artefacts as images: loss and metric curves, and mask overlays.
 
 Matplotlib is used through its object-oriented `Figure` API (no pyplot, no global backend), so
-plotting never depends on a display or on process-wide state.
+plotting never depends on a display or on process-wide state. Files are encoded in memory and
+written atomically (`utils.io`): an extension no writer knows is refused before anything is
+written, and a failed write leaves no file.
 """
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
+from amsam_jax.utils.errors import first_line
+from amsam_jax.utils.io import WriteError, atomic_write, ensure_folder
+
 MASK_COLORS = ((30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60))
+COMMON_IMAGE_SUFFIXES = ".png, .jpg, .tif, .bmp, .webp"
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format that writes `path`, from its extension (".png" -> "PNG").
+
+    Raises:
+        WriteError: an extension Pillow cannot write (or none).
+    """
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise WriteError(
+            path, f"unknown image extension {suffix or '(none)'!r}; use {COMMON_IMAGE_SUFFIXES}"
+        )
+    return fmt
+
+
+def encode_image(image: Image.Image, path: str | os.PathLike) -> bytes:
+    """`image` encoded in the format of `path`'s extension (see `image_format`).
+
+    Raises:
+        WriteError: an unknown extension, or a format that cannot hold this image (WebP sides
+            are at most 16383 pixels, ...).
+    """
+    fmt = image_format(path)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        w, h = image.size
+        raise WriteError(path, f"cannot write a {w}x{h} image as {fmt} ({first_line(e)})") from None
+    return buffer.getvalue()
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The Matplotlib format that writes `path`, from its extension (".png" -> "png").
+
+    Raises:
+        WriteError: an extension Matplotlib cannot write (or none).
+    """
+    fmt = Path(path).suffix.lower().lstrip(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise WriteError(
+            path,
+            f"unknown plot extension {Path(path).suffix or '(none)'!r}; use "
+            + ", ".join(f".{k}" for k in ("png", "pdf", "svg", "jpg")),
+        )
+    return fmt
+
+
+def figure_bytes(fig: Figure, path: str | os.PathLike) -> bytes:
+    """`fig` laid out and encoded in the format of `path`'s extension, at 100 dpi."""
+    fmt = figure_format(path)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format=fmt, dpi=100)
+    return buffer.getvalue()
 
 
 def _save(fig: Figure, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    data = figure_bytes(fig, path)
+    ensure_folder(path.parent)
+    atomic_write(path, data)
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
@@ -58,6 +125,11 @@ def plot_sum_curves(records: list[dict], path: Path) -> None:
 
 def plot_metric_vs_clicks(summary: dict, path: Path) -> None:
     """A PNG of mIoU and mBIoU (%) against the number of clicks (`interactive.summarize`)."""
+    _save(metric_vs_clicks_figure(summary), path)
+
+
+def metric_vs_clicks_figure(summary: dict) -> Figure:
+    """The figure of `plot_metric_vs_clicks`."""
     clicks = np.arange(1, len(summary["miou"]) + 1)
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
@@ -67,7 +139,7 @@ def plot_metric_vs_clicks(summary: dict, path: Path) -> None:
     ax.set_ylabel("%")
     ax.set_xticks(clicks)
     ax.legend()
-    _save(fig, path)
+    return fig
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 64)) -> np.ndarray:
@@ -82,8 +154,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 64)) -> np.ndar
 
 
 def write_samples(split, preds: np.ndarray, out_dir: Path, count: int) -> list[Path]:
-    """samples/<stem>.png: image | ground truth | prediction, at the model input resolution."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """samples/<stem>.png: image | ground truth | prediction, at the model input resolution.
+
+    Raises:
+        WriteError: a panel cannot be written (each is written atomically).
+    """
+    ensure_folder(out_dir)
     paths = []
     for i, stem in enumerate(split.stems[:count]):
         image = split.image[i]
@@ -96,7 +172,7 @@ def write_samples(split, preds: np.ndarray, out_dir: Path, count: int) -> list[P
              overlay(image, pred)], axis=1
         )  # fmt: skip
         path = out_dir / f"{stem}.png"
-        Image.fromarray(panel).save(path)
+        atomic_write(path, encode_image(Image.fromarray(panel), path))
         paths.append(path)
     return paths
 

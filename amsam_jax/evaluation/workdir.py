@@ -5,6 +5,7 @@ workdir: the run's config, SAM and trainable state (`fewshot.trainer.load_run_st
 embeddings through the run's embedder and cache, and the run's box prompts.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from amsam_jax.fewshot.preprocessing import boxes_for, load_split
 from amsam_jax.fewshot.trainer import CHECKPOINT_KINDS, data_dir_of, detect_into, load_run_state
 from amsam_jax.training.run import log, read_run_config
 from amsam_jax.utils.image import list_images
-from amsam_jax.utils.io import write_json
+from amsam_jax.utils.io import atomic_outputs, check_output_file, check_output_folder
 
 OVERLAY_DIR = "eval_{split}"
 RESULT_FILE = "eval_{split}.json"
@@ -37,7 +38,8 @@ def evaluate_workdir(
 
     Writes `workdir/eval_<split>.json` (the returned dict) and overlays
     `workdir/eval_<split>/<stem>.png` (image | ground truth | prediction at the model input
-    resolution, as the run's `samples/`).
+    resolution, as the run's `samples/`), together: both or neither (an overlay folder of an
+    earlier evaluation is replaced as a whole).
 
     Args:
         workdir: a training workdir (holds config.json and ckpt/).
@@ -58,10 +60,18 @@ def evaluate_workdir(
         AmsamError: one-line problems with the inputs (EvaluateError, TrainError, DataError, ...).
     """
     workdir = Path(workdir).absolute()
-    if not workdir.is_dir():
+    if not workdir.exists():
         raise EvaluateError(f"{workdir}: no such workdir")
+    if not workdir.is_dir():
+        raise EvaluateError(workdir, "not a folder (expected a training workdir)")
     if checkpoint not in CHECKPOINT_KINDS:
         raise EvaluateError(f"checkpoint {checkpoint!r}: expected one of {CHECKPOINT_KINDS}")
+    if overlays is not None and overlays < 0:
+        raise EvaluateError("overlays", f"must be >= 0 (0: none), got {overlays}")
+    result_path = check_output_file(workdir / RESULT_FILE.format(split=split))
+    overlay_dir = workdir / OVERLAY_DIR.format(split=split)
+    if overlays != 0:
+        check_output_folder(overlay_dir)
     cfg = FewShotConfig.from_dict(read_run_config(workdir))
     if not (workdir / "ckpt" / checkpoint).is_dir():
         raise EvaluateError(f"{workdir / 'ckpt' / checkpoint}: no checkpoint")
@@ -71,7 +81,7 @@ def evaluate_workdir(
     # Listing first: a bad split fails before SAM is loaded.
     samples = list_samples(data_dir, split)
 
-    setup, state, meta = load_run_state(workdir, checkpoint)
+    setup, state, meta = load_run_state(workdir, checkpoint)  # its metadata checked there
     test = load_split(samples, setup.preprocessing)
     test.embedding = setup.embedder.embed(test.image, setup.preprocessing.key())
     if not quiet:
@@ -89,7 +99,7 @@ def evaluate_workdir(
     result = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, setup.frozen, data)
     result.update(
         checkpoint=checkpoint,
-        checkpoint_step=int(meta["step"]),
+        checkpoint_step=meta["step"],
         split=split,
         data_dir=str(data_dir),
         weights=setup.weights,
@@ -97,12 +107,13 @@ def evaluate_workdir(
         workdir=str(workdir),
     )
     count = len(test.stems) if overlays is None else overlays
+    preds = None
     if count > 0:
         preds = predict_masks(setup.graphdef, setup.step_cfg, state, setup.frozen, data)
-        write_samples(
-            test, preds, workdir / OVERLAY_DIR.format(split=split), min(count, len(test.stems))
-        )
-    write_json(workdir / RESULT_FILE.format(split=split), result)
+    with atomic_outputs() as outputs:
+        if preds is not None:
+            write_samples(test, preds, outputs.folder(overlay_dir), min(count, len(test.stems)))
+        outputs.file(result_path, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -15,11 +15,10 @@ import optax
 from flax import nnx
 
 from amsam_jax.fewshot.calibration import calibrate_masks
+from amsam_jax.fewshot.config import HYPERGRADIENTS
 from amsam_jax.fewshot.lora import LOWER, PromptParam
 from amsam_jax.fewshot.losses import segmentation_loss
 from amsam_jax.training.prompt_decoder import PromptDecoder
-
-HYPERGRADIENTS = ("exact", "first_order", "darts_fd", "none")
 
 
 class BoxResidual(nnx.Module):

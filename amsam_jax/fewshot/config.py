@@ -8,7 +8,20 @@ import dataclasses
 import json
 from typing import Any
 
-from amsam_jax.training.config import SamSection, from_dict
+from amsam_jax.boxes.box_file import FALLBACKS
+from amsam_jax.training.config import (
+    SAM_RULES,
+    SamSection,
+    at_least,
+    between,
+    check_config,
+    from_dict,
+    one_of,
+    positive,
+    rule,
+)
+
+HYPERGRADIENTS = ("exact", "first_order", "darts_fd", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +115,46 @@ class FewShotConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FewShotConfig":
         return from_dict(cls, d)
+
+    def validate(self) -> "FewShotConfig":
+        """Checks every setting's type and range (see RULES).
+
+        Raises:
+            ConfigError: naming the first bad setting, e.g. `train.batch_size=0: must be >= 1`.
+        """
+        check_config(self, RULES)
+        return self
+
+
+RULES = [
+    *SAM_RULES,
+    rule("data.shots", at_least(2)),  # D1 = the first N // 2 shots, D2 the rest
+    rule("data.test_split", (bool, "a split folder name")),
+    rule("lora.rank", at_least(1)),
+    rule("lora.alpha", positive()),
+    rule("train.epochs", at_least(1)),
+    rule("train.batch_size", at_least(1)),
+    rule("train.hypergradient", one_of(*HYPERGRADIENTS)),
+    rule("train.lower_lr", positive()),
+    rule("train.upper_lr", at_least(0)),
+    rule("train.weight_decay", at_least(0)),
+    rule("train.b1", between(0, 1, open_high=True)),
+    rule("train.b2", between(0, 1, open_high=True)),
+    rule("train.eps", positive()),
+    rule("train.power", at_least(0)),
+    rule("train.schedule", one_of("clean", "reference")),
+    rule("train.warmup_period", at_least(1)),
+    rule("train.upper_batch", one_of("cycle", "first")),
+    rule("train.dice_weight", between(0, 1)),
+    rule("train.hypergradient_clip", positive()),
+    rule("train.exact_jacobian", one_of("adam", "sgd")),
+    rule("train.fd_radius", positive()),
+    rule("train.checkpoint_every", at_least(0)),
+    rule("train.checkpoint_every_s", at_least(0)),
+    rule("train.num_samples", at_least(0)),
+    rule("boxes.conf", between(0, 1)),
+    rule("boxes.iou", between(0, 1)),
+    rule("boxes.fallback", one_of(*FALLBACKS)),
+    rule("calibration.alpha", between(0, 1)),
+    rule("calibration.average", one_of("batch", "sample")),
+]

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from amsam_jax.build_sam import PIXEL_MEAN, PIXEL_STD
-from amsam_jax.data.folder import DataError, Sample, load_sample
+from amsam_jax.data.folder import DataError, Sample, load_sample, resize_nearest
 from amsam_jax.evaluation.fewshot import EvalData
 
 
@@ -86,11 +86,15 @@ def preprocess(
     The image is resized to size x size ignoring the aspect ratio with `scipy.ndimage.zoom`
     (cubic spline, default boundary mode, no clipping: the spline overshoot on sharp edges is
     kept, as in the reference), the label with order 0; the low-res label is an order-0 zoom of
-    the resized label (SciPy's corner-aligned nearest neighbour).
+    the resized label (SciPy's corner-aligned nearest neighbour). Image and label are zoomed
+    independently, each by its own factors, as in the reference: a mask stored at a lower
+    resolution than its image (same aspect ratio, `data.folder.load_sample` with
+    `resize_mask=False`) goes straight to the model frame, never through the image's size.
 
     Args:
         image: (H, W, 3) uint8 RGB.
-        mask: (H, W) bool (or any array; > 0 is foreground).
+        mask: (h, w) bool (or any array; > 0 is foreground), (h, w) = (H, W) or the same
+            aspect ratio at another resolution.
         size: model input side.
         low_res: side of the decoder's logits.
         sam_pixel_norm: False [default, faithful]: image in [0, 1]; True: SAM's standardised
@@ -108,7 +112,8 @@ def preprocess(
     img = np.stack(
         [ndimage.zoom(img[..., c], (size / h, size / w), order=3) for c in range(3)], axis=-1
     )
-    label = ndimage.zoom(label, (size / h, size / w), order=0)
+    mask_h, mask_w = label.shape
+    label = ndimage.zoom(label, (size / mask_h, size / mask_w), order=0)
     label_low = ndimage.zoom(label, (low_res / size, low_res / size), order=0)
     if sam_pixel_norm:
         img = (img * 255.0 - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)
@@ -125,13 +130,15 @@ def load_split_arrays(
     Args:
         samples: the samples (any order; it is kept).
         preprocessing: `preprocess` parameters.
-        original_masks: also keep the original-resolution masks (for evaluation at original
-            resolution; `read_mask(sample.mask_path)` reloads one instead).
+        original_masks: also keep the masks at their image's resolution (for evaluation at
+            original resolution; `load_sample(sample)[1]` reloads one instead).
 
     Returns:
         {"image": (N, S, S, 3) float32, "label": (N, S, S) int32, "label_low": (N, L, L) int32,
-        "stem": list of N str, "original_size": (N, 2) int64 (H, W)}, plus "mask": list of N
-        (H, W) bool when `original_masks`.
+        "stem": list of N str, "original_size": (N, 2) int64 (H, W) of the images}, plus
+        "mask": list of N (H, W) bool when `original_masks` (a mask stored at another
+        resolution is resized to its image's with `resize_nearest`; the labels are zoomed from
+        the stored mask, as in the reference).
 
     Raises:
         DataError: no samples, or as `load_sample`.
@@ -140,14 +147,14 @@ def load_split_arrays(
         raise DataError(None, "no samples to load")
     images, labels, lows, sizes, masks = [], [], [], [], []
     for sample in samples:
-        image, mask = load_sample(sample)
+        image, mask = load_sample(sample, resize_mask=False)
         img, label, low = preprocess(image, mask, **dataclasses.asdict(preprocessing))
         images.append(img)
         labels.append(label)
         lows.append(low)
-        sizes.append(mask.shape)
+        sizes.append(image.shape[:2])
         if original_masks:
-            masks.append(mask)
+            masks.append(resize_nearest(mask, image.shape[:2]))
     out = {
         "image": np.stack(images),
         "label": np.stack(labels),

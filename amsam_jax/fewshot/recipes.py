@@ -49,13 +49,19 @@ def blo_sam(arg: str | None = None) -> FewShotConfig:
 
 
 def blo_sam_reference(arg: str | None = None) -> FewShotConfig:
-    """Everything faithful to the released BLO-SAM script (docs/fewshot.md §5, §10)."""
+    """Everything faithful to the released BLO-SAM script (docs/fewshot.md §5, §10).
+
+    Every constant is the script's (`train.py` defaults and `train.sh`); the test
+    tests/fewshot/test_reference_recipe.py pins each one with the line that sets it there.
+    """
     cfg = FewShotConfig(
         name="blo_sam_reference",
         seed=42,
         calibration=CalibrationConfig(enabled=False),
         train=TrainSection(
             hypergradient="first_order",
+            lower_lr=5e-3,  # --base_lr 5e-3
+            upper_lr=5e-3,  # --prompt_base_lr 5e-3: the prompt's first step (later ones: base_lr)
             schedule="reference",
             upper_batch="first",
             fd_accumulate_bug=True,

@@ -237,9 +237,11 @@ def train(
     Returns:
         summary: best D2 Dice, steps, weights description, paths.
     """
+    cfg.validate()
     run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
     workdir = run.workdir
-    setup = build_setup(cfg, workdir)
+    with run.setting_up():
+        setup = build_setup(cfg, workdir)
     state = clone_state(setup.initial)
     meta = {"step": 0, "epoch": 0, "best_dice": 0.0}
     restored = run.restore(setup.initial)
@@ -251,6 +253,13 @@ def train(
     if int(meta["step"]) >= setup.total_steps and summary is not None:
         log(f"resume: the run in {workdir} is already complete ({meta['step']} steps)")
         return summary
+    with run.interruptible():
+        state, step, best, meta = _train_loop(cfg, setup, run, writer, state, meta)
+    return _finish(setup, run, writer, state, step, best, meta)
+
+
+def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict, meta: dict):
+    """Epochs from `meta["step"]` to the end; returns (state, step, best D2 Dice, meta)."""
     n1, n2 = len(setup.d1.stems), len(setup.d2.stems)
     bs = cfg.train.batch_size
     n2_batches = math.ceil(n2 / bs)
@@ -291,6 +300,8 @@ def train(
             every = cfg.train.checkpoint_every
             if every and step % every == 0 and step % setup.iters_per_epoch:  # epoch ends below
                 run.save("latest", state, {**meta, "step": step, "epoch": epoch})
+            if step % setup.iters_per_epoch:  # at an epoch end: after its evaluation, below
+                run.stop_if_requested(state, {**meta, "step": step, "epoch": epoch}, f"step {step}")
         # End of epoch: D2 Dice, best (strictly greater), latest.
         result = evaluate_fewshot(
             setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data()
@@ -310,7 +321,13 @@ def train(
         writer.write({"kind": "epoch", "step": step, "epoch": epoch + 1, "d2_dice": dice,
                       "d2_iou": result["iou"], "best_d2_dice": best})  # fmt: skip
         run.save_latest(state, meta, force=step >= setup.total_steps)
+        run.stop_if_requested(state, meta, f"step {step} (end of epoch {epoch + 1})")
+    return state, step, best, meta
 
+
+def _finish(setup: Setup, run: Run, writer, state: dict, step: int, best: float, meta: dict):
+    """The final checkpoint, plots, samples and summary (a rerun after a kill redoes them)."""
+    cfg, workdir, frozen = setup.cfg, run.workdir, setup.frozen
     run.save("final", state, {**meta, "step": step})
     if not (workdir / "ckpt" / "best").exists():  # no epoch beat 0: best is the final state
         run.save("best", state, {**meta, "step": step})

@@ -8,7 +8,17 @@ import json
 from typing import Any
 
 from amsam_jax.sum.loss import SumLossConfig
-from amsam_jax.training.config import SamSection, from_dict
+from amsam_jax.training.config import (
+    SAM_RULES,
+    SamSection,
+    at_least,
+    between,
+    check_config,
+    from_dict,
+    one_of,
+    positive,
+    rule,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +115,67 @@ class SumConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SumConfig":
         return from_dict(cls, {k: v for k, v in d.items() if k != "kind"})
+
+    def validate(self) -> "SumConfig":
+        """Checks every setting's type and range (see RULES).
+
+        Raises:
+            ConfigError: naming the first bad setting, e.g. `train.steps=0: must be >= 1`.
+        """
+        check_config(self, RULES)
+        return self
+
+
+RULES = [
+    *SAM_RULES,
+    rule("data.uncertainty", one_of("maps", "refiner", "zeros")),
+    rule("data.min_ratio", at_least(0)),
+    rule("data.min_refine_ratio", at_least(0)),
+    rule("data.max_ratio", between(0, 1)),
+    rule("data.max_num_mask", at_least(1)),
+    rule("data.amg_points_per_side", at_least(1)),
+    rule("data.amg_pred_iou_thresh", between(0, 1)),
+    rule("data.amg_stability_score_thresh", between(0, 1)),
+    rule("data.eval_max_images", at_least(0)),
+    rule("train.steps", at_least(1)),
+    rule("train.mix_mode", one_of("alternate", "joint")),
+    rule("train.human_images", at_least(0)),
+    rule("train.human_masks_per_image", at_least(1)),
+    rule("train.pseudo_images", at_least(0)),
+    rule("train.num_point_rounds", at_least(0)),
+    rule("train.num_mask_only_rounds", at_least(0)),
+    rule("train.p_first_is_point", between(0, 1)),
+    rule("train.box_jitter", one_of("sum", "sam")),
+    rule("train.box_jitter_std_frac", at_least(0)),
+    rule("train.box_jitter_max_px", at_least(0)),
+    rule("train.sample_frame", one_of("1024", "256")),
+    rule("train.sampling_threshold", between(0, 1)),
+    rule("train.lr_pretrained", at_least(0)),
+    rule("train.lr_task", at_least(0)),
+    rule("train.lr_drop_frac", between(0, 1)),
+    rule("train.lr_drop_factor", positive()),
+    rule("train.b1", between(0, 1, open_high=True)),
+    rule("train.b2", between(0, 1, open_high=True)),
+    rule("train.eps", positive()),
+    rule("train.log_every", at_least(1)),
+    rule("train.checkpoint_every_s", at_least(0)),
+    rule("train.checkpoint_every", at_least(0)),
+    rule("train.eval_clicks", at_least(1)),
+    rule("refine.steps", at_least(1)),
+    rule("refine.lr", positive()),
+    rule("refine.images", at_least(1)),
+    rule("refine.masks_per_image", at_least(1)),
+    rule("refine.p_box", between(0, 1)),
+    rule("refine.batch_masks", at_least(1)),
+    rule("loss.lambda_focal", at_least(0)),
+    rule("loss.lambda_dice", at_least(0)),
+    rule("loss.lambda_iou", at_least(0)),
+    rule("loss.focal_alpha", between(0, 1)),
+    rule("loss.focal_gamma", at_least(0)),
+    rule("loss.dice_smooth", at_least(0)),
+    rule("loss.dice_uncertainty_threshold", between(0, 1)),
+    rule("loss.dice_mode", one_of("hard", "soft")),
+]
 
 
 def is_sum_config(d: dict[str, Any]) -> bool:

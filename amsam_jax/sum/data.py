@@ -238,8 +238,8 @@ class LabelledSet:
 
     def load(self, i: int) -> Entry:
         sample, tid = self.items[i]
-        image, _ = load_sample(sample)  # checks the files and that the sizes agree
-        masks = read_instance_masks(sample.mask_path)
+        image, _ = load_sample(sample)  # checks the files and the mask's aspect ratio
+        masks = read_instance_masks(sample.mask_path, image.shape[:2])
         if len(masks) == 0:
             raise DataError(sample.mask_path, "mask has no foreground")
         prob = masks.astype(np.uint8) * np.uint8(255)

@@ -102,7 +102,7 @@ def train_refiner(
     cfg: SumConfig, workdir: Path, sam, sam_cfg, embedder: Embedder, weights: str
 ) -> Path:
     """Trains (or resumes, or finds finished) a refiner in `workdir`; returns its SAM dir."""
-    r = cfg.refine
+    r = cfg.validate().refine
     run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
     out = run.workdir / REFINER_SAM
     if run.summary() is not None and (out / "config.json").is_file():
@@ -125,6 +125,24 @@ def train_refiner(
     writer = run.metrics(it if restored is not None else None)
     log(f"refiner: {r.steps} steps on {len(labelled)} labelled images ({weights})")
     key = jax.random.key(cfg.seed + 1)
+    with run.interruptible():
+        state, it = _refiner_loop(cfg, run, writer, labelled, embedder, sam_cfg, shapes, t,
+                                  step_fn, state, sam_params, key, it)  # fmt: skip
+    # A copy: nnx.merge of nnx.split(sam) would share sam's Variables, and the update below
+    # would then hand the refiner's decoder to the SUM run that called this.
+    refined = nnx.clone(sam)
+    nnx.update(PromptDecoder(refined), state["params"])
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_sam(refined, sam_cfg, tmp, {"refiner_of": weights, "steps": it})
+    run.write_summary({"refiner_sam": str(out), "steps": it, "weights": weights})
+    log(f"refiner: saved {out}")
+    return out
+
+
+def _refiner_loop(cfg, run, writer, labelled, embedder, sam_cfg, shapes, t, step_fn, state,
+                  sam_params, key, it):  # fmt: skip
+    """Refiner steps from `it` to `refine.steps`; returns (state, steps done)."""
+    r = cfg.refine
     while it < r.steps:
         rng = np.random.default_rng([cfg.seed, 5, it])
         entries = [
@@ -142,14 +160,8 @@ def train_refiner(
         writer.write({"step": it, **metrics})
         if it < r.steps:
             run.save_latest(state, {"step": it})
-    graphdef, sam_state = nnx.split(sam)
-    refined = nnx.merge(graphdef, sam_state)
-    nnx.update(PromptDecoder(refined), state["params"])
-    with atomic_directory(out, overwrite=True) as tmp:
-        save_sam(refined, sam_cfg, tmp, {"refiner_of": weights, "steps": it})
-    run.write_summary({"refiner_sam": str(out), "steps": it, "weights": weights})
-    log(f"refiner: saved {out}")
-    return out
+            run.stop_if_requested(state, {"step": it}, f"refiner step {it}")
+    return state, it
 
 
 @partial(jax.jit, static_argnums=(0, 4))

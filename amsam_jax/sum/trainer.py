@@ -233,8 +233,7 @@ def _first_is_box(seed: int, it: int, kind: int, p_point: float) -> bool:
 
 def finetuned_sam(setup: SumSetup, state: dict):
     """The base SAM with the trained prompt encoder, mask decoder and task table."""
-    graphdef, sam_state = nnx.split(setup.sam)
-    sam = nnx.merge(graphdef, sam_state)  # a copy that shares nothing mutable with setup.sam
+    sam = nnx.clone(setup.sam)  # not nnx.merge(*nnx.split(...)): that shares the Variables
     decoder = PromptDecoder(sam)
     nnx.update(decoder, state["params"], state["task"])
     return sam
@@ -245,9 +244,11 @@ def finetuned_sam(setup: SumSetup, state: dict):
 
 def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | None = None):
     """Runs (or resumes) a SUM run in `workdir`; returns the summary dict."""
+    cfg.validate()
     run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
     workdir = run.workdir
-    setup = build_sum_setup(cfg, workdir)
+    with run.setting_up():
+        setup = build_sum_setup(cfg, workdir)
     state = clone_state(setup.initial)
     meta = {"step": 0}
     restored = run.restore(setup.initial)
@@ -261,6 +262,18 @@ def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | 
     if it >= total and summary is not None:
         log(f"resume: the run in {workdir} is already complete ({it} iterations)")
         return summary
+    with run.interruptible():
+        state, it = _sum_loop(setup, run, writer, state, it)
+    run.save("final", state, {"step": it})
+    summary = finish(setup, state, workdir, writer)
+    run.write_summary(summary)
+    return summary
+
+
+def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: int):
+    """Iterations from `it` to `train.steps`; returns (state, iterations done)."""
+    cfg = setup.cfg
+    total = cfg.train.steps
     base_key = jax.random.key(cfg.seed)
     bar = tqdm(total=total, initial=it, desc="sum", file=sys.stderr, leave=False, disable=None)
     p_point = cfg.train.p_first_is_point
@@ -301,12 +314,10 @@ def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | 
         every = cfg.train.checkpoint_every
         if it < total:
             run.save_latest(state, {"step": it}, force=bool(every and it % every == 0))
+            run.stop_if_requested(state, {"step": it}, f"iteration {it}")
     bar.close()
     run.save("latest", state, {"step": it})
-    run.save("final", state, {"step": it})
-    summary = finish(setup, state, workdir, writer)
-    run.write_summary(summary)
-    return summary
+    return state, it
 
 
 def finish(setup: SumSetup, state: dict, workdir: Path, writer: JsonlWriter) -> dict:

@@ -10,17 +10,20 @@ from there, saves `latest` at most every `checkpoint_every_s` seconds, stops wit
 `TrainError` on a non-finite loss, and finishes with `final` and the summary.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from amsam_jax.training.state import restore_state, save_state, saved_step
-from amsam_jax.utils.errors import AmsamError
+from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import atomic_write, write_json
 
 CONFIG_FILE = "config.json"
@@ -30,6 +33,12 @@ SUMMARY_FILE = "summary.json"
 
 class TrainError(AmsamError):
     """A run that cannot start or continue; one line naming the file or setting and the problem."""
+
+
+class Interrupted(TrainError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run at a step boundary, after saving `latest`."""
+
+    exit_code = 130  # the shell's code for a process stopped by SIGINT
 
 
 def log(msg: str) -> None:
@@ -109,33 +118,97 @@ class Run:
         self.workdir = Path(workdir).absolute()
         self.checkpoint_every_s = checkpoint_every_s
         self._last_save = time.perf_counter()
+        self._stop: str | None = None  # the signal that asked the run to stop
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise TrainError(self.workdir, "is a file, not a workdir; use another --workdir")
+        self._created = not self.workdir.exists()
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            self._before = {p.name for p in self.workdir.iterdir()}
         except OSError as e:
             raise TrainError(self.workdir, f"cannot create the workdir ({e.strerror})") from None
         config = json.loads(json.dumps(config))  # tuples as lists, as stored
         path = self.workdir / CONFIG_FILE
+        previous = None
         if path.exists() and self.started():
+            unusable = "it belongs to the run in this workdir: fix or remove the workdir"
             try:
                 previous = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-                raise TrainError(
-                    path,
-                    f"unreadable ({e}); it belongs to the run in this workdir: fix or remove "
-                    "the workdir",
-                ) from None
+                raise TrainError(path, f"unreadable ({first_line(e)}); {unusable}") from None
+            if not isinstance(previous, dict):
+                raise TrainError(path, f"not a config object; {unusable}")
             if previous != config:
                 raise TrainError(
                     self.workdir, "holds a run with a different config; use another --workdir"
                 )
-        try:
-            write_json(path, config)
-        except OSError as e:
-            raise TrainError(path, f"cannot write ({e.strerror})") from None
+        if previous != config:
+            try:
+                write_json(path, config)
+            except OSError as e:
+                raise TrainError(path, f"cannot write ({e.strerror})") from None
 
     def started(self) -> bool:
         """Whether this workdir holds checkpoints or a summary of an earlier run."""
         return (self.workdir / "ckpt").exists() or (self.workdir / SUMMARY_FILE).exists()
+
+    @contextlib.contextmanager
+    def setting_up(self) -> Iterator[None]:
+        """Wraps a run's setup: a failed start leaves no trace of itself.
+
+        When the setup fails (bad data, no weights, Ctrl-C) before it wrote anything, the
+        `config.json` this run wrote is removed, and so is the workdir if this run created it.
+        Work the setup already saved (pseudo-labels, a refiner) stays, with its config, for the
+        next attempt.
+        """
+        try:
+            yield
+        except BaseException:
+            entries = {p.name for p in self.workdir.iterdir()} if self.workdir.is_dir() else set()
+            if entries - self._before == {CONFIG_FILE}:  # the setup itself wrote nothing
+                (self.workdir / CONFIG_FILE).unlink(missing_ok=True)
+                if self._created:
+                    with contextlib.suppress(OSError):
+                        self.workdir.rmdir()
+            raise
+
+    # ------------------------------------------------------------------ interrupts
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """While the block runs, Ctrl-C (SIGINT) and SIGTERM ask the run to stop.
+
+        The loop calls `stop_if_requested` after each step, which saves `latest` and raises
+        `Interrupted`: the run stops at a consistent point and resumes from it. A second Ctrl-C
+        stops at once (KeyboardInterrupt); every save is atomic, so that is safe too.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def request(signum, frame):
+            if self._stop is not None:
+                raise KeyboardInterrupt
+            self._stop = signal.Signals(signum).name
+            log(f"{self._stop}: stopping after this step (Ctrl-C again to stop at once)")
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_if_requested(self, state: dict, meta: dict, where: str) -> None:
+        """After a step: when a stop was asked for, saves `latest` and raises `Interrupted`."""
+        if self._stop is None:
+            return
+        self.save("latest", state, meta)
+        raise Interrupted(
+            None,
+            f"{self._stop}: stopped at {where}, saved {self.workdir / 'ckpt' / 'latest'}; run "
+            "the same command again to resume",
+        )
 
     # ------------------------------------------------------------------ resume
 

@@ -7,6 +7,7 @@ that identifies its encoder in the embedding cache.
 """
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import adapt_sam, load_sam, read_sam_config
 from amsam_jax.pretrained import PretrainedError, is_name
 from amsam_jax.pretrained import resolve as resolve_pretrained
+from amsam_jax.training.config import ConfigError
 from amsam_jax.training.embedder import sam_weights_key
 from amsam_jax.training.run import TrainError, log
 
@@ -80,6 +82,7 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
         sam_dir = _local_default()
     if sam_dir is not None:
         src_cfg, _ = read_sam_config(sam_dir)
+        check_image_size(src_cfg, s.image_size)
         model = load_sam(sam_dir)
         target = dataclasses.replace(
             src_cfg,
@@ -101,6 +104,7 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
         raise TrainError(
             None, "no SAM weights found (set sam.checkpoint) and sam.allow_random is off"
         )
+    check_image_size(target, s.image_size)
     model = build_sam(target, seed=cfg.seed)
     key = f"random-{model_type}-{s.image_size}-seed{cfg.seed}-{s.encoder_dtype}"
     return (
@@ -112,6 +116,23 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
             "number"
         ),
     )
+
+
+def check_image_size(sam_cfg: SamConfig, image_size: int) -> None:
+    """`sam.image_size` must be a whole number of the encoder's strides (patches, merges).
+
+    Raises:
+        ConfigError: naming the setting and the stride.
+    """
+    if sam_cfg.encoder == "tiny_vit":
+        stride = sam_cfg.tiny_vit_patch_stride * math.prod(sam_cfg.tiny_vit_merge_strides)
+        what = "TinyViT encoder's stride (patch embedding x merges)"
+    else:
+        stride, what = sam_cfg.patch_size, "ViT encoder's patch size"
+    if image_size < stride or image_size % stride:
+        raise ConfigError(
+            f"sam.image_size={image_size}", f"must be a multiple of the {what} {stride}"
+        )
 
 
 def _local_default() -> str | None:

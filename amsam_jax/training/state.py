@@ -186,9 +186,28 @@ def restore_state(
                 ),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:  # truncated or corrupt files
-            raise StateError(directory / str(step), f"cannot restore ({first_line(e)})") from None
+            raise StateError(directory / str(step), _unreadable(e)) from None
     finally:
         mngr.close()
+    where = directory / str(step)
+    meta = restored["meta"]
+    step_ok = isinstance(meta, dict) and type(meta.get("step")) is int and meta["step"] >= 0
+    if not step_ok:
+        raise StateError(
+            where / "meta", f"{_DAMAGED}: not an object with a step (got {meta!r:.60})"
+        )
     named = jax.tree.map(np.asarray, dict(restored["state"]))
-    state = from_named(template, named, str(directory / str(step)))
-    return state, dict(restored["meta"])
+    state = from_named(template, named, str(where))
+    return state, dict(meta)
+
+
+_DAMAGED = "a damaged checkpoint; remove this folder and rerun (the run then starts over)"
+
+
+def _unreadable(error: BaseException, limit: int = 160) -> str:
+    """`cannot restore (...)` with the cause's first line cut to `limit` characters (Orbax's
+    and tensorstore's messages embed whole array specs)."""
+    cause = first_line(error)
+    if len(cause) > limit:
+        cause = cause[: limit - 1] + "…"
+    return f"cannot restore ({type(error).__name__}: {cause}); {_DAMAGED}"

@@ -18,7 +18,13 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
-    """(n², 2) points evenly spaced in [0, 1]², x varying fastest."""
+    """(n², 2) points evenly spaced in [0, 1]², x varying fastest.
+
+    Raises:
+        ValueError: `n_per_side` < 1.
+    """
+    if n_per_side < 1:
+        raise ValueError(f"n_per_side must be >= 1, got {n_per_side}")
     offset = 1 / (2 * n_per_side)
     points_one_side = np.linspace(offset, 1 - offset, n_per_side)
     points_x = np.tile(points_one_side[None, :], (n_per_side, 1))
@@ -29,14 +35,25 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
 def build_all_layer_point_grids(
     n_per_side: int, n_layers: int, scale_per_layer: int
 ) -> list[np.ndarray]:
-    """One point grid per crop layer; layer i has int(n_per_side / scale_per_layer**i) per side."""
-    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+    """One point grid per crop layer; layer i has int(n_per_side / scale_per_layer**i) per side.
+
+    As the reference, except that a layer has at least 1 point per side where the reference's
+    count rounds down to 0 (and fails): 2 points per side, factor 2, layer 2.
+    """
+    return [
+        build_point_grid(max(int(n_per_side / (scale_per_layer**i)), 1))
+        for i in range(n_layers + 1)
+    ]
 
 
 def generate_crop_boxes(
     im_size: tuple[int, int], n_layers: int, overlap_ratio: float
 ) -> tuple[list[list[int]], list[int]]:
     """Crop boxes (x0, y0, x1, y1) of all layers: the whole image, then (2**i)² boxes in layer i.
+
+    Exactly the reference's boxes: on an image whose side has fewer pixels than a layer has
+    crops per side (a 1 x N image from layer 1 on), some are empty (x1 <= x0 or y1 <= y0); the
+    generator skips those.
 
     Returns:
         the boxes and the layer index of each.

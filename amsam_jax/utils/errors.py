@@ -5,12 +5,15 @@ class AmsamError(Exception):
     """A bad input, setting or run state; `str()` is one line, `<where>: <problem>`.
 
     Every command-line entry point catches this class (and only this class) and prints
-    `error: <message>` with exit code 2. Subclasses name the area (`DataError`, `BoxError`, ...).
+    `error: <message>` with exit code `exit_code` (2; 130 for an interrupted run). Subclasses
+    name the area (`DataError`, `BoxError`, ...).
 
     Args:
         where: the file, folder or setting at fault (None when there is no single one).
         problem: what is wrong; only its first line is kept.
     """
+
+    exit_code = 2  # what a command-line entry point exits with
 
     def __init__(self, where: object | None, problem: str | None = None):
         if problem is None:  # AmsamError("message") keeps the plain-message form

@@ -35,7 +35,12 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-        """Output (h, w) for an input of (oldh, oldw) and the target longest side."""
+        """Output (h, w) for an input of (oldh, oldw) and the target longest side.
+
+        As the reference, except that a side is at least 1 pixel: the reference rounds the short
+        side of a very thin image (20000 x 20 at 1024: 1.02 -> 1, at 256: 0.256 -> 0) down to 0,
+        which no resize accepts. Every other size gives the reference's shape.
+        """
         scale = long_side_length * 1.0 / max(oldh, oldw)
         newh, neww = oldh * scale, oldw * scale
-        return int(newh + 0.5), int(neww + 0.5)
+        return max(int(newh + 0.5), 1), max(int(neww + 0.5), 1)

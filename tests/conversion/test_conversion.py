@@ -7,21 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from sam_reference import build_official, randomize_
 
-torch = pytest.importorskip("torch")  # the `test` extra always has it; the fast tier skips
-
-from sam_reference import build_official, randomize_  # noqa: E402
-
-from amsam_jax import CheckpointError, SamConfig, load_sam  # noqa: E402
-from amsam_jax.checkpoint import read_sam_config  # noqa: E402
-from weights_conversion.convert_sam import (  # noqa: E402
+from amsam_jax import CheckpointError, SamConfig, load_sam
+from amsam_jax.checkpoint import read_sam_config
+from weights_conversion.convert_sam import (
     ConversionError,
     infer_config,
     plan_conversion,
     sha256_file,
 )
-from weights_conversion.convert_sam_cli import main  # noqa: E402
-from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of  # noqa: E402
+from weights_conversion.convert_sam_cli import main
+from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
 
 pytestmark = pytest.mark.slow
 

@@ -9,23 +9,20 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import torch
+from flax import nnx
+from sam_reference import official_pair
+from smoke_workdir import smoke_workdir
 
-pytest.importorskip("torch")  # the `test` extra; these tests are slow-tier
-
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
-from sam_reference import official_pair  # noqa: E402
-from smoke_workdir import smoke_workdir  # noqa: E402
-
-from amsam_jax.build_sam import SamConfig  # noqa: E402
-from amsam_jax.fewshot.blo import StepConfig, TrainingModel, forward, split_trainable  # noqa: E402
-from amsam_jax.fewshot.config import FewShotConfig  # noqa: E402
-from amsam_jax.fewshot.lora import apply_lora, mark_trainable  # noqa: E402
-from amsam_jax.fewshot.trainer import TRAINABLE, build_setup  # noqa: E402
-from amsam_jax.training.prompt_decoder import PromptDecoder  # noqa: E402
-from amsam_jax.training.state import host_leaves, restore_state  # noqa: E402
-from weights_conversion import blo_sam_lora  # noqa: E402
-from weights_conversion.blo_sam_lora import InteropError  # noqa: E402
+from amsam_jax.build_sam import SamConfig
+from amsam_jax.fewshot.blo import StepConfig, TrainingModel, forward, split_trainable
+from amsam_jax.fewshot.config import FewShotConfig
+from amsam_jax.fewshot.lora import apply_lora, mark_trainable
+from amsam_jax.fewshot.trainer import TRAINABLE, build_setup
+from amsam_jax.training.prompt_decoder import PromptDecoder
+from amsam_jax.training.state import host_leaves, restore_state
+from weights_conversion import blo_sam_lora
+from weights_conversion.blo_sam_lora import InteropError
 
 pytestmark = pytest.mark.slow
 

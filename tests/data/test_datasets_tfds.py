@@ -120,13 +120,13 @@ def test_isic2018_keeps_official_splits_with_optional_validation(tmp_path):
         check_pairs(source, masks)
     fake_isic(tmp_path / "no_val", {"train": 2, "test": 1})
     sources = build("isic2018", tmp_path / "no_val", tmp_path / "tfds_no_val")
-    assert sorted(sources) == ["test", "train"]
-    official = (("train", 2594), ("validation", 100), ("test", 1000))
-    with pytest.raises(D.DataError, match=r"no_val: split sizes \{'train': 2, 'test': 1\}"):
-        build("isic2018", tmp_path / "no_val", tmp_path / "tfds_bad", split_sizes=official)
+    assert {k: len(v) for k, v in sources.items()} == {"train": 2, "test": 1}  # counts as found
     fake_isic(tmp_path / "no_test", {"train": 1})
-    with pytest.raises(D.DataError, match=r"ISIC2018_Task1-2_Test_Input: no such folder"):
+    with pytest.raises(D.DataError, match=r"no_test: folder ISIC2018_Task1-2_Test_Input/ not"):
         build("isic2018", tmp_path / "no_test", tmp_path / "tfds_no_test")
+    (tmp_path / "no_val" / ISIC_FOLDERS["validation"][0]).mkdir()
+    with pytest.raises(D.DataError, match=r"no_val: folder ISIC2018_Task1_Validation_GroundT"):
+        build("isic2018", tmp_path / "no_val", tmp_path / "tfds_half_val")
 
 
 def test_export_to_folder_round_trips_through_list_samples(tmp_path):
@@ -149,22 +149,37 @@ def test_export_to_folder_round_trips_through_list_samples(tmp_path):
         export_to_folder("human_seg", tmp_path / "manual", tmp_path / "out", tmp_path / "tfds")
 
 
-@pytest.mark.parametrize("problem", ["missing mask", "mask size", "split sizes"])
+@pytest.mark.parametrize("problem", ["missing mask", "mask aspect", "too few"])
 def test_builders_stop_on_bad_downloads(tmp_path, problem):
     manual = tmp_path / "manual"
     fake_tiktok(manual, ["a", "b", "c"])
     folder = manual / "segmentation_full_body_tik_tok_2615_img"
+    num_test = 1
     if problem == "missing mask":
         (folder / "masks" / "b.png").unlink()
         match = r"images/b\.png: no mask"
-    elif problem == "mask size":
-        Image.new("L", (4, 4)).save(folder / "masks" / "c.png")
-        match = r"masks/c\.png: mask is 4x4"
+    elif problem == "mask aspect":
+        Image.new("L", (13, 4)).save(folder / "masks" / "c.png")  # the image is 13x9
+        match = r"masks/c\.png: mask is 13x4 \(WxH\), image .*images/c\.png is 13x9"
     else:
-        match = r"img: 3 image/mask pairs, expected 9 for tiktok/tiny"
-    sizes = (("train", 5), ("test", 4)) if problem == "split sizes" else ()
+        num_test = 3
+        match = r"img: 3 image/mask pairs: too few to take the last 3 as test for tiktok/tiny"
     with pytest.raises(D.DataError, match=match):
-        build("tiktok", manual, tmp_path / "tfds", num_test=1, split_sizes=sizes)
+        build("tiktok", manual, tmp_path / "tfds", num_test=num_test)
+
+
+def test_a_mask_of_the_same_aspect_at_another_resolution_is_resized_to_its_image(tmp_path):
+    manual = tmp_path / "manual"
+    written = fake_tiktok(manual, ["a", "b", "c"])
+    mask = manual / "segmentation_full_body_tik_tok_2615_img" / "masks" / "b.png"
+    low = np.zeros((5, 7), np.uint8)  # 9x13 (H, W) at about 0.54
+    low[1:4, 2:6] = 255
+    Image.fromarray(low).save(mask)
+    sources = build("tiktok", manual, tmp_path / "tfds", num_test=1)
+    example = sources["train"][1]
+    assert example["stem"] == b"b" and example["mask"].shape == (9, 13, 1)
+    np.testing.assert_array_equal(example["mask"][..., 0] > 0, D.resize_nearest(low > 0, (9, 13)))
+    check_pairs(sources["test"], written)
 
 
 def test_cli_export_reports_one_line_errors(tmp_path, capsys):
@@ -172,5 +187,5 @@ def test_cli_export_reports_one_line_errors(tmp_path, capsys):
     argv = ["export", "tiktok", "--manual-dir", str(tmp_path / "manual")]
     code = main([*argv, "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "tfds")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "3 image/mask pairs, expected 2615 for tiktok/paper" in err
+    assert code == 2 and "3 image/mask pairs: too few to take the last 2000 as test" in err
     assert err.startswith("error: ") and "\n" not in err

@@ -73,7 +73,7 @@ def test_mask_with_wrong_suffix_is_reported_as_missing_with_a_hint(tmp_path):
         D.list_samples(tmp_path, "train")
 
 
-def test_load_sample_rejects_corrupt_files_and_a_mask_of_another_size(tmp_path):
+def test_load_sample_rejects_corrupt_files_and_a_mask_of_another_aspect_ratio(tmp_path):
     make_folder(tmp_path, ["a", "b", "c"])
     write_pair(tmp_path, "train", "d", size=(12, 16), mask_size=(16, 12))
     samples = {s.stem: s for s in D.list_samples(tmp_path, "train")}
@@ -85,12 +85,135 @@ def test_load_sample_rejects_corrupt_files_and_a_mask_of_another_size(tmp_path):
         ("a", samples["a"].image_path, "cannot read image"),
         ("b", samples["b"].mask_path, "cannot read mask"),
         ("c", samples["c"].mask_path, "cannot read mask"),
-        ("d", samples["d"].mask_path, r"mask is 12x16 \(WxH\), image d.png is 16x12"),
+        ("d", samples["d"].mask_path, r"mask is 12x16 \(WxH\), image .*/d\.png is 16x12: another"),
     ]
     for stem, path, problem in cases:
         with pytest.raises(D.DataError, match=problem) as info:
             P.load_split_arrays([samples[stem]])
         assert info.value.path == str(path) and "\n" not in str(info.value)
+
+
+def test_junk_and_hidden_files_are_never_samples(tmp_path):
+    make_folder(tmp_path, ["a", "b"])
+    for sub in ("images", "masks"):
+        folder = tmp_path / "train" / sub
+        for name in [".DS_Store", "Thumbs.db", "DESKTOP.INI", "._a.png", "._b.jpg", ".c.png"]:
+            (folder / name).write_bytes(b"\0\5junk")
+        (folder / ".hidden").mkdir()
+    (tmp_path / "train" / "masks" / "LICENSE.txt").write_text("not a mask")
+    assert [s.stem for s in D.list_samples(tmp_path, "train")] == ["a", "b"]
+    assert D.is_hidden(".anything") and D.is_hidden("Thumbs.db") and not D.is_hidden("a.png")
+
+
+def test_only_junk_or_hidden_images_is_no_images(tmp_path):
+    make_folder(tmp_path, ["a"])
+    (tmp_path / "train" / "images" / "a.png").rename(tmp_path / "train" / "images" / ".a.png")
+    with pytest.raises(D.DataError, match="no images") as info:
+        D.list_samples(tmp_path, "train")
+    assert info.value.path == str(tmp_path / "train" / "images")
+
+
+def test_upper_case_suffixes_pair_and_are_not_called_non_png(tmp_path):
+    write_pair(tmp_path, "train", "a", image_suffix=".JPG")
+    write_pair(tmp_path, "train", "b")
+    masks = tmp_path / "train" / "masks"
+    (masks / "a.png").rename(masks / "a.PNG")
+    samples = D.list_samples(tmp_path, "train")
+    assert [(s.image_path.name, s.mask_path.name) for s in samples] == [
+        ("a.JPG", "a.PNG"),
+        ("b.png", "b.png"),
+    ]
+    image, mask = D.load_sample(samples[0])
+    assert image.shape[:2] == mask.shape == (12, 16)
+    # ISIC-2018 names: <stem>_segmentation.PNG
+    pairs = D.pair_images_and_masks(
+        tmp_path / "train" / "images", masks, lambda stem: stem + ".png"
+    )
+    assert pairs == samples
+    (masks / "b.png").rename(masks / "b_segmentation.PNG")
+    (masks / "a.PNG").rename(masks / "a_segmentation.Png")
+    pairs = D.pair_images_and_masks(
+        tmp_path / "train" / "images", masks, lambda stem: stem + "_segmentation.png"
+    )
+    assert [p.mask_path.name for p in pairs] == ["a_segmentation.Png", "b_segmentation.PNG"]
+
+
+def test_two_masks_for_one_image_is_an_error(tmp_path):
+    make_folder(tmp_path, ["a"])
+    shutil.copy(tmp_path / "train/masks/a.png", tmp_path / "train/masks/a.PNG")
+    with pytest.raises(D.DataError, match=r"two masks for one image \(also a\.PNG\)") as info:
+        D.list_samples(tmp_path, "train")
+    assert info.value.path == str(tmp_path / "train/masks/a.png")
+
+
+def test_unpaired_files_are_counted_and_the_first_ones_named(tmp_path):
+    make_folder(tmp_path, [str(i) for i in range(1, 9)])
+    for i in (3, 4, 5, 6, 7):
+        (tmp_path / "train" / "masks" / f"{i}.png").unlink()
+    with pytest.raises(D.DataError) as info:
+        D.list_samples(tmp_path, "train")
+    assert str(info.value) == (
+        f"{tmp_path / 'train/images/3.png'}: no mask {tmp_path / 'train/masks/3.png'}; 5 images "
+        "without a mask: 3.png, 4.png, 5.png, ..."
+    )
+    make_folder(tmp_path / "other", ["x"])
+    for i in (1, 2):
+        shutil.copy(tmp_path / "train/masks/1.png", tmp_path / f"other/train/masks/y{i}.png")
+    with pytest.raises(D.DataError) as info:
+        D.list_samples(tmp_path / "other", "train")
+    assert str(info.value) == (
+        f"{tmp_path / 'other/train/masks/y1.png'}: mask without image in "
+        f"{tmp_path / 'other/train/images'}; 2 masks without an image: y1.png, y2.png"
+    )
+
+
+@pytest.mark.parametrize(
+    "mask, image, same",
+    [
+        ((454, 551), (1055, 1280), True),  # the Human Segmentation Dataset's 100.png
+        ((12, 16), (12, 16), True),
+        ((16, 20), (33, 40), True),  # 16.5 x 20 rounded down
+        ((17, 20), (33, 40), True),  # ... and up
+        ((17, 21), (33, 40), True),  # both sides 1 px off the same factor
+        ((24, 30), (33, 40), True),  # 24.75 x 30, floor
+        ((66, 80), (33, 40), True),  # a larger mask of the same aspect ratio
+        ((19, 20), (33, 40), False),  # h needs s >= 18/33, w needs s <= 21/40
+        ((16, 22), (33, 40), False),
+        ((40, 33), (33, 40), False),  # transposed
+        ((16, 12), (12, 16), False),
+        ((20, 20), (33, 40), False),
+    ],
+)
+def test_same_aspect_allows_one_pixel_of_rounding_per_side(mask, image, same):
+    assert D.same_aspect(mask, image) is same
+
+
+def test_resize_nearest_samples_pixel_centres_and_keeps_values():
+    labels = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
+    np.testing.assert_array_equal(
+        D.resize_nearest(labels, (6, 8)), labels.repeat(2, axis=0).repeat(2, axis=1)
+    )
+    assert D.resize_nearest(labels, (3, 4)) is labels
+    big = np.arange(36).reshape(6, 6)
+    np.testing.assert_array_equal(D.resize_nearest(big, (3, 2)), big[1::2][:, [1, 4]])
+    rng = np.random.default_rng(0)
+    for (h, w), (big_h, big_w) in [((16, 20), (33, 40)), ((454, 551), (1055, 1280))]:
+        mask = rng.random((h, w)) > 0.5
+        out = D.resize_nearest(mask, (big_h, big_w))
+        assert out.shape == (big_h, big_w) and out.dtype == bool
+        pil = Image.fromarray(mask.astype(np.uint8)).resize((big_w, big_h), Image.NEAREST)
+        # PIL's floating point rounds some exact half-way rows down; otherwise the same rule
+        assert (np.asarray(pil) == out).mean() > 0.97
+
+
+def test_read_instance_masks_at_the_image_size(tmp_path):
+    values = np.zeros((3, 4), np.uint8)
+    values[0, 0], values[2, 3] = 7, 2
+    Image.fromarray(values).save(tmp_path / "m.png")
+    masks = D.read_instance_masks(tmp_path / "m.png", (6, 8))
+    assert masks.shape == (2, 6, 8)
+    np.testing.assert_array_equal(masks[1], D.resize_nearest(values == 7, (6, 8)))
+    assert D.read_instance_masks(tmp_path / "m.png").shape == (2, 3, 4)
 
 
 def test_grayscale_rgba_palette_and_16bit_inputs_are_read(tmp_path):
@@ -143,3 +266,18 @@ def test_bundled_synthetic_dataset_equals_a_regeneration(tmp_path):
     assert boxes == box_file_from_masks(bundled)
     _, mask = D.load_sample(D.list_samples(bundled, "train")[0])
     assert 0.02 < mask.mean() < 0.5
+
+
+def test_oracle_boxes_of_a_lower_resolution_mask_are_in_image_pixels(tmp_path):
+    """A mask stored at half resolution: its tight box, mapped to the image, as a detector's."""
+    for sub in ("images", "masks"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "train/images/a.jpg")
+    mask = np.zeros((15, 20), np.uint8)
+    mask[3:9, 5:12] = 255  # rows 3..8, columns 5..11 at half size
+    Image.fromarray(mask).save(tmp_path / "train/masks/a.png")
+    entry = box_file_from_masks(tmp_path)["boxes"]["a"]
+    assert entry["box"] == [10.0, 6.0, 24.0, 18.0] and not entry["fallback"]
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(tmp_path / "train/masks/a.png")
+    with pytest.raises(D.DataError, match="another aspect ratio"):
+        box_file_from_masks(tmp_path)

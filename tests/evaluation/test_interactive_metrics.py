@@ -1,11 +1,16 @@
 """Interactive evaluation: mask IoU, boundary IoU, centre-of-error clicks (docs/sum.md §8.2-8.3,
 §9 items 14-15) and the click loop with a fake predict function."""
 
+import functools
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.evaluation import interactive, metrics, plots
+from amsam_jax.predictor import SamPredictor
 
 
 def _boundary_brute_force(mask: np.ndarray, d: int) -> np.ndarray:
@@ -193,3 +198,134 @@ def test_simulate_clicks_with_fake_predict(tmp_path):
     path = tmp_path / "plots" / "clicks.png"
     plots.plot_metric_vs_clicks(summary, path)
     assert path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- the episode, re-implemented
+
+
+def _inner_distance_sq_brute_force(mask: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of each mask pixel to the nearest non-mask pixel, where the
+    pixels outside the image are non-mask (the nearest of those is straight across the border)."""
+    h, w = mask.shape
+    rows, cols = np.mgrid[:h, :w]
+    border = np.minimum.reduce([rows + 1, cols + 1, h - rows, w - cols]) ** 2
+    bg_rows, bg_cols = np.nonzero(~mask)
+    to_bg = (rows[..., None] - bg_rows) ** 2 + (cols[..., None] - bg_cols) ** 2  # (H, W, |bg|)
+    nearest = np.minimum(border, to_bg.min(-1)) if len(bg_rows) else border
+    return np.where(mask, nearest, 0)
+
+
+def _click_brute_force(gt, pred):
+    """docs/sum.md §8.3: ((x, y), label) of the next click, on integer squared distances."""
+
+    def farthest(mask):
+        d2 = _inner_distance_sq_brute_force(mask)
+        row, col = divmod(int(np.argmax(d2)), mask.shape[1])  # first maximum in row-major order
+        return (col, row), int(d2.max())
+
+    first, _ = farthest(gt)
+    if pred is None:
+        return first, 1
+    fn_xy, fn_max = farthest(gt & ~pred)
+    fp_xy, fp_max = farthest(~gt & pred)
+    if fn_max == 0 and fp_max == 0:
+        return first, 1  # no error pixel: the click-1 point again, positive
+    return (fn_xy, 1) if fn_max > fp_max else (fp_xy, 0)  # a tie goes to FP
+
+
+def _episode_brute_force(predictor, gt, num_clicks, task):
+    """docs/sum.md §8.3 on a SamPredictor: per round (IoU, boundary IoU, click)."""
+    d = max(1, int(round(0.02 * np.hypot(*gt.shape))))
+    coords, labels, rounds = [], [], []
+    pred = mask_input = None
+    for k in range(num_clicks):
+        xy, label = _click_brute_force(gt, pred)
+        coords.append(xy)
+        labels.append(label)
+        logits, iou_pred, low_res = predictor.predict(
+            point_coords=np.array(coords, np.float32),
+            point_labels=np.array(labels, np.int32),
+            mask_input=mask_input,
+            multimask_output=k == 0,  # click 1: three masks, keep the best predicted IoU
+            return_logits=True,
+            task=task,
+        )
+        best = int(np.argmax(iou_pred)) if k == 0 else 0
+        pred = np.asarray(logits[best]) > 0
+        mask_input = np.asarray(low_res[best])[None]  # the kept mask's low-res logits
+        union = (gt | pred).sum()
+        iou = 1.0 if union == 0 else (gt & pred).sum() / union
+        rounds.append((iou, _biou_brute_force(gt, pred, d), (*xy, label), best))
+    return rounds
+
+
+@pytest.fixture(scope="module")
+def episode_setup():
+    """A tiny random SAM with a non-zero task row 2, a 44 x 52 image and three GT masks."""
+    cfg = SamConfig.tiny()
+    sam = build_sam(cfg, seed=10)
+    row = sam.prompt_encoder.task_prompt_embedding[2].weight
+    row[...] = jnp.asarray(np.random.default_rng(4).normal(0, 1, row.shape), jnp.float32)
+    rng = np.random.default_rng(5)
+    image = (ndimage.gaussian_filter(rng.random((44, 52, 3)), (3, 3, 0)) * 255).astype(np.uint8)
+    masks = np.zeros((3, 44, 52), bool)
+    masks[0, 6:30, 8:27] = True  # a rectangle
+    masks[1] = _blobs(6, (44, 52))  # several components
+    masks[2, 20:, 30:] = True  # touching the bottom-right border
+    masks[2, 30:38, 40:47] = False  # with a hole
+    return sam, interactive.EvalImage("img", image, masks, task=2)
+
+
+def test_evaluate_interactive_equals_independent_episode_per_round(episode_setup):
+    # The whole protocol (evaluate_interactive -> simulate_clicks -> next_click, metrics) against
+    # docs/sum.md §8.3 re-implemented here: brute-force distances instead of the EDT, the same
+    # SamPredictor called directly. Catches a click placed on the wrong error set or with the
+    # wrong label, a tie not going to FP, (row, col) swapped, click 1 not the multimask
+    # best-IoU mask, a wrong or missing mask prompt (e.g. the best of the 3 not kept, or the
+    # logits of round k-2), clicks dropped from the prompt, the task id not passed ("matched"
+    # must use the benchmark's id 2, whose row is non-zero) and IoU/boundary IoU per round.
+    # Evaluation has no mask-only rounds and no random draws (§8.3): those are §7.2's training
+    # episode, which tests/sum/test_sum_step.py covers.
+    sam, item = episode_setup
+    clicks = 5
+    out = interactive.evaluate_interactive(sam, [item], clicks, tasks=("none", "matched"))
+    predictor = SamPredictor(sam)
+    predictor.set_image(item.image)
+    rows = {(r["task"], r["mask"]): r for r in out["per_mask"]}
+    labels, kept, per_task = set(), set(), {}
+    for t, tid in (("none", None), ("matched", 2)):
+        ious, bious = [], []
+        for k, gt in enumerate(item.masks):
+            want = _episode_brute_force(predictor, gt, clicks, tid)
+            got = rows[(t, k)]
+            assert got["task_id"] == tid
+            np.testing.assert_allclose(got["iou"], [100 * w[0] for w in want], rtol=1e-12)
+            np.testing.assert_allclose(got["biou"], [100 * w[1] for w in want], rtol=1e-12)
+            # The clicks themselves, through simulate_clicks on the same predictor.
+            predict = functools.partial(_predictor_fn, predictor, tid)
+            sim = interactive.simulate_clicks(predict, gt, clicks)
+            assert sim["clicks"] == [w[2] for w in want]
+            labels |= {w[2][2] for w in want}
+            kept.add(want[0][3])
+            ious.append([w[0] for w in want])
+            bious.append([w[1] for w in want])
+        np.testing.assert_allclose(out[f"task_{t}"]["miou"], 100 * np.mean(ious, 0), rtol=1e-12)
+        np.testing.assert_allclose(out[f"task_{t}"]["mbiou"], 100 * np.mean(bious, 0), rtol=1e-12)
+        per_task[t] = ious
+    # Not vacuous: both click labels occur, the IoU changes over the rounds, and the task row
+    # changes the result.
+    assert labels == {0, 1}
+    assert any(len(set(r)) > 1 for r in per_task["none"])
+    assert not np.allclose(per_task["none"], per_task["matched"])
+    assert kept != {0}, kept
+
+
+def _predictor_fn(predictor, task, coords, labels, mask_input, multimask):
+    return predictor.predict(
+        point_coords=coords,
+        point_labels=labels,
+        mask_input=mask_input,
+        multimask_output=multimask,
+        return_logits=True,
+        task=task,
+    )

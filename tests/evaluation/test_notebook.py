@@ -3,11 +3,12 @@
 import json
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
 from smoke_workdir import smoke_workdir
 
-nbclient = pytest.importorskip("nbclient")  # the `test` extra
-nbformat = pytest.importorskip("nbformat")
+pytestmark = pytest.mark.slow  # the whole module: it needs nbclient (the `test` extra)
 
 NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "evaluate.ipynb"
 
@@ -17,7 +18,6 @@ def workdir(tmp_path_factory):
     return smoke_workdir(tmp_path_factory)
 
 
-@pytest.mark.slow
 def test_evaluate_notebook_runs_and_shows_metrics_curves_and_overlays(workdir, monkeypatch):
     monkeypatch.setenv("AMSAM_WORKDIR", str(workdir))
     nb = nbformat.read(NOTEBOOK, as_version=4)

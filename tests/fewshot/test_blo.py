@@ -20,6 +20,7 @@ from amsam_jax.evaluation.metrics import dice_per_class
 from amsam_jax.fewshot.blo import (
     StepConfig,
     TrainingModel,
+    darts_fd_hypergradient,
     make_loss_fn,
     make_step,
     split_trainable,
@@ -557,3 +558,114 @@ def test_fd_hvp_converges_to_exact_mixed_hvp_at_second_order(f64):
     slopes = np.diff(np.log(errors)) / np.diff(np.log(radii))
     assert errors[-1] < 1e-7, errors
     np.testing.assert_allclose(slopes, 2.0, atol=0.1, err_msg=str(errors))
+
+
+# ------------------------------------------------- darts_fd on a toy problem in closed form
+
+
+def _toy_loss(w, a, frozen, batch):
+    """L(w, a) = ½wᵀAw + wᵀBa + c·w + ½aᵀCa + e·a + (u·w)³ (q·a) + ¼(p·w)⁴ (`frozen` unused).
+
+    The cubic coupling makes grad_a L non-linear in w, so the central difference along vvec
+    carries an exact R² term that pins the radius; the quartic term makes grad_w L non-linear.
+    """
+    w, a, b = w["w"], a["a"], batch
+    s = jnp.dot(b["u"], w)
+    return (
+        0.5 * w @ b["A"] @ w + w @ b["B"] @ a + b["c"] @ w + 0.5 * a @ b["C"] @ a + b["e"] @ a
+        + s**3 * jnp.dot(b["q"], a) + 0.25 * jnp.dot(b["p"], w) ** 4
+    )  # fmt: skip
+
+
+def _toy_grads(w, a, b):
+    """(grad_w L, grad_a L) of `_toy_loss` by hand, NumPy float64."""
+    s, qa, pw = b["u"] @ w, b["q"] @ a, b["p"] @ w
+    gw = b["A"] @ w + b["B"] @ a + b["c"] + 3 * s**2 * qa * b["u"] + pw**3 * b["p"]
+    ga = b["B"].T @ w + b["C"] @ a + b["e"] + s**3 * b["q"]
+    return gw, ga
+
+
+def _toy_batch(rng, n, m):
+    sym = rng.standard_normal((n, n))
+    c_sym = rng.standard_normal((m, m))
+    return {
+        "A": sym @ sym.T / n + np.eye(n),
+        "B": rng.standard_normal((n, m)),
+        "c": rng.standard_normal(n),
+        "C": c_sym @ c_sym.T / m,
+        "e": rng.standard_normal(m),
+        "u": rng.standard_normal(n),
+        "q": rng.standard_normal(m),
+        "p": rng.standard_normal(n) / np.sqrt(n),
+    }
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        dict(fd_radius=0.3),
+        dict(fd_accumulate_bug=True, fd_step1_bias=True, fd_reference_b1=True),
+    ],
+)
+def test_darts_fd_equals_closed_form_on_toy_problem(flags):
+    # darts_fd_hypergradient on a loss whose gradients are written out by hand, with docs/
+    # fewshot.md §5.4 b computed in NumPy: a fresh lower gradient g' at w_{k+1} (+ g with the
+    # accumulate flag), a virtual AdamW step from the real optimiser's (m, v) with bias
+    # corrections for step k + 2 (or 1), vvec and d at w', R = radius / |vvec|, and the central
+    # difference of grad_a L1 around w_{k+1}, which for this loss is B1ᵀv + q1 (3s²t + R²t³)
+    # exactly (s = u1·w_{k+1}, t = u1·vvec). Nothing comes from amsam_jax but the function
+    # under test and optax's state layout. Catches a wrong or unnormalised radius (the R² term),
+    # a flipped sign or a missing eta, a difference over R instead of 2R, perturbing w' instead
+    # of w_{k+1}, D1 and D2 swapped in any of the three gradients, and a wrong bias correction,
+    # beta1 or decoupled weight decay in the virtual step.
+    n, m = 5, 3
+    rng = np.random.default_rng(40)
+    batch1, batch2 = _toy_batch(rng, n, m), _toy_batch(rng, n, m)
+    w1 = rng.standard_normal(n) * 0.8
+    a = rng.standard_normal(m)
+    g = rng.standard_normal(n)  # the step-k lower gradient (only the accumulate flag uses it)
+    k, eta, lower_b1 = 4, 0.05, 0.95
+    cfg = StepConfig(hypergradient="darts_fd", **flags)
+    with jax.enable_x64(True):
+        # A real optax AdamW state after k + 1 updates with random gradients: (m, v) non-zero.
+        tx = optax.adamw(1e-3, b1=lower_b1, b2=0.999, eps=1e-8, eps_root=1e-30, weight_decay=0.1)
+        opt = tx.init({"w": jnp.asarray(w1)})
+        for _ in range(k + 1):
+            opt = tx.update(
+                {"w": jnp.asarray(rng.standard_normal(n))}, opt, {"w": jnp.asarray(w1)}
+            )[1]
+        mu = np.asarray(optax.tree_utils.tree_get(opt, "mu")["w"])
+        nu = np.asarray(optax.tree_utils.tree_get(opt, "nu")["w"])
+        as_jax = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+        loss2, h = darts_fd_hypergradient(
+            _toy_loss, {"w": jnp.asarray(w1)}, opt, {"a": jnp.asarray(a)}, None,
+            {"w": jnp.asarray(g)}, as_jax(batch1), as_jax(batch2), jnp.asarray(eta),
+            jnp.asarray(k, jnp.int32), lower_b1, cfg,
+        )  # fmt: skip
+        h = np.asarray(h["a"])
+
+    g_new, _ = _toy_grads(w1, a, batch1)
+    if cfg.fd_accumulate_bug:
+        g_new = g_new + g
+    b1 = 0.9 if cfg.fd_reference_b1 else lower_b1
+    t = 1 if cfg.fd_step1_bias else k + 2
+    m2 = b1 * mu + (1 - b1) * g_new
+    v2 = 0.999 * nu + 0.001 * g_new**2
+    c1, c2 = 1 - b1**t, 1 - 0.999**t
+    w_virtual = w1 * (1 - eta * 0.1) - (eta / c1) * m2 / (np.sqrt(v2) / np.sqrt(c2) + 1e-8)
+    vvec, d = _toy_grads(w_virtual, a, batch2)
+    r = cfg.fd_radius / np.linalg.norm(vvec)
+    s, tv = batch1["u"] @ w1, batch1["u"] @ vvec
+    hvp = batch1["B"].T @ vvec + batch1["q"] * (3 * s**2 * tv + r**2 * tv**3)
+    expected = d - eta * hvp
+    np.testing.assert_allclose(h, expected, rtol=1e-10, atol=1e-12)
+    with jax.enable_x64(True):  # L2 at w' (float64: jnp outside the block is float32)
+        want_loss2 = float(_toy_loss({"w": w_virtual}, {"a": a}, None, batch2))
+    np.testing.assert_allclose(float(loss2), want_loss2, rtol=1e-12)
+    # The checks are not vacuous: the R² term and the implicit term are far above the
+    # tolerance, and |vvec| != 1 (an unnormalised radius changes R).
+    radius_term = eta * np.abs(batch1["q"] * r**2 * tv**3).max()
+    assert radius_term > 1e-7 * np.abs(expected).max(), radius_term
+    assert np.abs(eta * hvp).max() > 0.1 * np.abs(d).max()
+    assert abs(np.linalg.norm(vvec) - 1) > 0.5

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.evaluation.metrics import dice_per_class, iou_per_class
@@ -227,6 +227,54 @@ def test_calibration_batch_average_couples_samples_and_sample_average_does_not()
         calibrate_masks(m, 32, average="channel")
 
 
+def test_forward_calibration_equals_literal_eqs_9_to_12_from_the_decoders_h_and_u(tiny_pair):
+    # The calibrated logits of the model's forward pass (training, validation and test all use
+    # it) against Eqs. 9-12 of docs/fewshot.md §6.3 materialised in float64 NumPy from the
+    # decoder's own H (B, n, c) and U (B, c, h, w) for a batch of 3 with boxes. Catches a wrong
+    # c (the tiny decoder has c = 4 upscaled channels, not SAM's 32), a wrong or swapped alpha,
+    # the mean taken over masks or channels instead of the batch, calibration of something
+    # other than H·U, and the `sample` average coupling the samples. At b = 1 the softmax over
+    # classes of the calibrated logits is the softmax of M_orig at temperature 1/κ,
+    # κ = α + (1 - α)/c.
+    base, _, _, _ = tiny_pair
+    rng = np.random.default_rng(7)
+    g, dim = TINY.grid_size, TINY.prompt_embed_dim
+    embedding = jnp.asarray(rng.standard_normal((3, g, g, dim)), jnp.float32)
+    boxes = jnp.asarray([[10.0, 20.0, 200.0, 180.0], [0, 0, 256, 256], [64, 8, 90, 250]])
+    pe = base.prompt_encoder
+    dense = jnp.broadcast_to(pe.no_mask_embed.weight[...].reshape(1, 1, 1, -1), (3, g, g, dim))
+    m_orig, _, hyper, upscaled = base.mask_decoder.predict_masks(
+        embedding, pe.get_dense_pe(), pe._embed_boxes(boxes), dense
+    )
+    h = np.asarray(hyper, np.float64)  # (B, n, c)
+    u = np.moveaxis(np.asarray(upscaled, np.float64), -1, 1)  # (B, c, 4G, 4G)
+    c = TINY.prompt_embed_dim // 8
+    assert h.shape == (3, 2, c) and u.shape == (3, c, 4 * g, 4 * g)
+    np.testing.assert_allclose(m_orig, np.einsum("bnc,bchw->bnhw", h, u), rtol=1e-5, atol=1e-6)
+
+    for alpha in (0.7, 0.4):
+        cfg = StepConfig(calibration_alpha=alpha)
+        got = np.asarray(forward(base, embedding, boxes, cfg))
+        expected = _literal_calibration(u, h, alpha)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        # The "sample" average: Eqs. 9-12 on each sample alone.
+        sample = StepConfig(calibration_alpha=alpha, calibration_average="sample")
+        got = np.asarray(forward(base, embedding, boxes, sample))
+        for i in range(3):
+            expected = _literal_calibration(u[i : i + 1], h[i : i + 1], alpha)[0]
+            np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+    # Not vacuous: the coupling term is far above the tolerance.
+    coupling = np.abs(0.3 / c * np.einsum("bnc,bchw->bnhw", h, u).mean(0)).max()
+    assert coupling > 1e-3 * np.abs(m_orig).max()
+
+    kappa = 0.7 + 0.3 / c
+    got = np.asarray(forward(base, embedding[:1], boxes[:1], StepConfig()), np.float64)
+    z = kappa * np.asarray(m_orig[:1], np.float64)
+    softmax = np.exp(z - z.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(got, axis=1)), softmax, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- loss
 
 
@@ -311,7 +359,6 @@ def test_cross_entropy_is_mean_negative_log_softmax():
     with jax.enable_x64(True):
         got = float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
     assert abs(got - expected) < 1e-12
-    assert np.allclose(softmax(logits, axis=1).sum(1), 1)
 
 
 # -------------------------------------------------------------------------------------- metrics

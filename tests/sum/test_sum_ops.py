@@ -211,6 +211,137 @@ def test_upsampling_keeps_sign_of_constant_logits():
     np.testing.assert_allclose(up[0], -0.3, rtol=1e-6)
 
 
+# ---------------------------------------------------------------- §6 loss, independent of loss.py
+
+
+def _numpy_sum_loss(x, y, u, hw, iou_pred, weight, dice_mode="hard"):
+    """docs/sum.md §6.1-6.4 written out in float64 NumPy on the cropped (h, w) arrays.
+
+    Returns (loss, focal, dice, iou): the weighted mean over masks and the (M,) terms.
+    """
+    x, u = x.astype(np.float64), u.astype(np.float64)
+    alpha, gamma = 0.25, 2.0
+    focal, dice, iou = [], [], []
+    for i, (h, w) in enumerate(hw):
+        xi, yi, ui = x[i, :h, :w], y[i, :h, :w].astype(np.float64), u[i, :h, :w]
+        s = 1.0 / (1.0 + np.exp(-xi))
+        # ce = -[y log s + (1 - y) log(1 - s)], with log s = -log(1 + e^-x) and
+        # log(1 - s) = -log(1 + e^x) so that |x| = 30 stays finite in float64.
+        ce = yi * np.logaddexp(0.0, -xi) + (1 - yi) * np.logaddexp(0.0, xi)
+        p_t = s * yi + (1 - s) * (1 - yi)
+        fl = (alpha * yi + (1 - alpha) * (1 - yi)) * (1 - p_t) ** gamma * ce
+        focal.append(((1 - ui) * fl).sum() / max(h * w, 1))
+        if dice_mode == "hard":
+            k = ((1 - ui) > 0.5).astype(np.float64)
+            inter, total = (k * yi * s).sum(), (k * yi).sum() + (k * s).sum()
+        else:  # y and s each multiplied by (1 - U)
+            inter = ((1 - ui) * yi * (1 - ui) * s).sum()
+            total = ((1 - ui) * yi).sum() + ((1 - ui) * s).sum()
+        dice.append(1 - (2 * inter + 1) / (total + 1))
+        pred = (s >= 0.5).astype(np.float64)
+        i_t = (pred * yi).sum() / (pred.sum() + yi.sum() - (pred * yi).sum() + 1e-7)
+        iou.append((iou_pred[i] - i_t) ** 2)
+    focal, dice, iou = np.array(focal), np.array(dice), np.array(iou)
+    per_mask = 20 * focal + 1 * dice + 1 * iou
+    loss = (weight * per_mask).sum() / max(weight.sum(), 1.0)
+    return loss, focal, dice, iou
+
+
+def _uncertainty_maps(rng, shape):
+    """Named U maps: continuous, the 0.5 boundary, mixed certain/uncertain, all 0, all 1."""
+    boundary = rng.choice(np.array([0.0, 0.49, 0.5, 0.51, 1.0]), shape)
+    blocks = np.zeros(shape)
+    blocks[:, : shape[1] // 2] = 1.0
+    return {
+        "uniform": rng.uniform(0.0, 1.0, shape),
+        "boundary": boundary,
+        "half_uncertain": blocks,
+        "all_certain": np.zeros(shape),
+        "all_uncertain": np.ones(shape),
+    }
+
+
+def test_sum_loss_equals_numpy_formula_of_docs_at_several_uncertainty_maps():
+    # The docs' formula, computed here without loss.py (its reference_* helpers included), on
+    # masks that are random, empty (y = 0), full (y = 1) and a padding mask with an empty valid
+    # region, at continuous and edge-case U maps, in both dice modes. Catches a focal term
+    # normalised by sum(1 - U) or left unweighted, a dice mask at U <= 0.5 or a soft weight, a
+    # swapped alpha, an IoU target at s > 0.5, a wrong lambda and padding pixels or masks
+    # entering a sum or the average.
+    rng = np.random.default_rng(30)
+    m = 5
+    x = rng.uniform(-6.0, 6.0, (m, S, S)).astype(np.float32)
+    x[:, 0, :6] = [-30.0, -5.0, 0.0, 5.0, 30.0, 80.0]  # large |x| and the s = 0.5 tie
+    y = rng.random((m, S, S)) < 0.4
+    y[1] = False  # an empty mask
+    y[2] = True  # a full one
+    hw = np.array([[S, S], [11, 13], [S, 7], [5, S], [0, 0]], np.int32)
+    weight = np.array([1.0, 1.0, 1.0, 1.0, 0.0], np.float32)  # the last mask is padding
+    iou_pred = rng.uniform(0.0, 1.0, m).astype(np.float32)
+    for dice_mode in ("hard", "soft"):
+        cfg = sum_loss.SumLossConfig(dice_mode=dice_mode)
+        for name, u in _uncertainty_maps(rng, (m, S, S)).items():
+            u = u.astype(np.float32)
+            loss, metrics = loss_fn(x, y, u, hw, iou_pred, weight, cfg=cfg)
+            want, focal, dice, iou = _numpy_sum_loss(x, y, u, hw, iou_pred, weight, dice_mode)
+            real = weight > 0
+            err = f"{dice_mode} {name}"
+            np.testing.assert_allclose(float(loss), want, rtol=2e-6, atol=1e-7, err_msg=err)
+            for key, terms in (("focal", focal), ("dice", dice), ("iou", iou)):
+                np.testing.assert_allclose(
+                    float(metrics[key]), terms[real].mean(), rtol=2e-6, atol=1e-7, err_msg=err
+                )
+            np.testing.assert_allclose(
+                focal_fn(x, y, u, hw), focal, rtol=2e-6, atol=1e-9, err_msg=err
+            )
+            got_dice = sum_loss.dice_loss_per_mask(x, y, u, hw, mode=dice_mode)
+            np.testing.assert_allclose(got_dice, dice, rtol=2e-6, atol=1e-7, err_msg=err)
+            if name == "all_uncertain":  # the edge cases are not vacuous: both terms vanish
+                assert not focal.any() and not dice.any()
+    # use_uncertainty=False: U is ignored, i.e. the formula at U = 0.
+    u = rng.uniform(0.0, 1.0, (m, S, S)).astype(np.float32)
+    loss, _ = loss_fn(
+        x, y, u, hw, iou_pred, weight, cfg=sum_loss.SumLossConfig(use_uncertainty=False)
+    )
+    want = _numpy_sum_loss(x, y, np.zeros_like(u), hw, iou_pred, weight)[0]
+    np.testing.assert_allclose(float(loss), want, rtol=2e-6)
+
+
+def test_sum_loss_gradient_equals_central_difference_of_numpy_formula():
+    # The gradient of the stable float32 rewrite (softplus and sigmoid of x(1 - 2y)) against a
+    # float64 central difference of the docs' formula, at pixels that are certain, uncertain,
+    # at U = 0.5 and outside the valid region (gradient 0). Catches a rewrite that has the
+    # right value but a wrong derivative, e.g. a stop-gradient on 1 - p_t.
+    rng = np.random.default_rng(31)
+    m = 2
+    x = rng.uniform(-4.0, 4.0, (m, S, S)).astype(np.float32)
+    y = rng.random((m, S, S)) < 0.5
+    u = rng.uniform(0.0, 1.0, (m, S, S)).astype(np.float32)
+    u[0, 3, 4] = 0.5
+    hw = np.array([[S, S], [10, 12]], np.int32)
+    iou_pred = np.array([0.3, 0.6], np.float32)
+    weight = np.ones(m, np.float32)
+    _, g = loss_and_grad(x, y, u, hw, iou_pred, weight)
+    g = np.asarray(g)
+    # U = 0.5, two pixels outside mask 1's valid region, then random pixels inside both.
+    pixels = [(0, 3, 4), (1, 12, 3), (1, 2, 14)]
+    pixels += [tuple(p) for p in rng.integers(0, [2, 10, 12], (12, 3))]
+    eps = 1e-5
+    for i, r, c in pixels:
+        xp, xm = x.astype(np.float64), x.astype(np.float64)
+        xp[i, r, c] += eps
+        xm[i, r, c] -= eps
+        # The IoU target has no gradient; the step never crosses x = 0 at these pixels.
+        fd = (
+            _numpy_sum_loss(xp, y, u, hw, iou_pred, weight)[0]
+            - _numpy_sum_loss(xm, y, u, hw, iou_pred, weight)[0]
+        ) / (2 * eps)
+        inside = r < hw[i, 0] and c < hw[i, 1]
+        if not inside:
+            assert g[i, r, c] == 0.0
+        np.testing.assert_allclose(g[i, r, c], fd, rtol=1e-3, atol=1e-7, err_msg=f"{(i, r, c)}")
+
+
 # ---------------------------------------------------------------- §9.6-9 samplers
 
 

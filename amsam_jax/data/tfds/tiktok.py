@@ -3,33 +3,32 @@
 from pathlib import Path
 
 from amsam_jax.data.folder import Sample, pair_images_and_masks
-from amsam_jax.data.tfds.base import (
-    SegmentationBuilder,
-    SegmentationConfig,
-    find_root,
-)
+from amsam_jax.data.tfds.base import SegmentationBuilder, SegmentationConfig, find_root
 
 
 class Tiktok(SegmentationBuilder):
-    """TikTok dances: 2,615 full-body person masks; last 2,000 sorted = test, first 615 = train.
+    """TikTok dances: full-body person masks; last 2,000 sorted = test, the rest = train.
 
     Manual download: Kaggle dataset "Segmentation Full Body TikTok Dancing Dataset"
-    (tapakah68/segmentation-full-body-tiktok-dancing-dataset). Unzip it and pass the folder as
-    `manual_dir`; it (or its single extracted subfolder, e.g.
-    `segmentation_full_body_tik_tok_2615_img/`) must hold::
+    (tapakah68/segmentation-full-body-tiktok-dancing-dataset, 2,615 frames). Unzip it and pass
+    the folder as `manual_dir`. The archive holds `df.csv` and the frames one folder deeper than
+    its name suggests, `segmentation_full_body_tik_tok_2615_img/segmentation_full_body_tik_tok_
+    2615_img/`; the folder holding::
 
-        images/<name>.png    2,615 frames
+        images/<name>.png    the frames
         masks/<name>.png     one mask per frame, same file name (value > 0 = person)
 
-    Other files (`df.csv`, ...) are ignored. Splits (docs/fewshot.md §4.2): file names sorted in
-    plain string order; the last 2,000 are "test", the first 615 the "train" pool from which the
+    is found up to three levels below `manual_dir`. Other files and folders (`df.csv`,
+    `collages/`, OS junk) are ignored. Splits (docs/fewshot.md §4.2): file names sorted in plain
+    string order; the last 2,000 are "test", the others (615) the "train" pool from which the
     few-shot sets take their first N.
     """
 
     name = "tiktok"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the Kaggle dataset tapakah68/segmentation-full-body-tiktok-dancing-dataset, "
-        "unzip it and pass the folder holding images/ and masks/ (or its parent) as manual_dir."
+        "unzip it and pass the folder holding images/ and masks/ (or one above it) as "
+        "manual_dir."
     )
     HOMEPAGE = (
         "https://www.kaggle.com/datasets/tapakah68/segmentation-full-body-tiktok-dancing-dataset"
@@ -37,9 +36,8 @@ class Tiktok(SegmentationBuilder):
     BUILDER_CONFIGS = [
         SegmentationConfig(
             name="paper",
-            description="Last 2,000 sorted images = test, first 615 = train (AM-SAM, BLO-SAM).",
+            description="Last 2,000 sorted images = test, the others = train (AM-SAM, BLO-SAM).",
             num_test=2000,
-            split_sizes=(("train", 615), ("test", 2000)),
         )
     ]
 
