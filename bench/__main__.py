@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("bench.train", "bi-level step per hypergradient mode, whole few-shot run"),
     "sum": ("bench.sum", "SUM interactive step; AMG vs official PyTorch AMG"),
     "amg": ("bench.amg", "automatic mask generator only: JAX vs official PyTorch"),
+    "export": ("bench.export", "exported ONNX encoder and decoder on ONNX Runtime vs JAX"),
 }
 
 

@@ -128,8 +128,25 @@ def pytest_report_header(config):
     return lines
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs(*packages): a fast-tier test that imports reference packages inside the test; "
+        "deselected (and counted in the header) in a fast tier that lacks them",
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: `items` are the selected tests
 def pytest_collection_modifyitems(config, items):
+    if MISSING and not _selects_slow(config):
+        needing = [
+            item
+            for item in items
+            if any(set(m.args) & set(MISSING) for m in item.iter_markers("needs"))
+        ]
+        if needing:
+            config.hook.pytest_deselected(items=needing)
+            items[:] = [item for item in items if item not in needing]
     slow = [item for item in items if item.get_closest_marker("slow") is not None]
     if MISSING and slow:
         raise pytest.UsageError(

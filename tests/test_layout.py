@@ -22,6 +22,7 @@ OPTIONAL_DEPENDENCIES = {
         "weights_conversion.convert_sam",
         "weights_conversion.blo_sam_lora",
         "weights_conversion.make_golden",
+        "weights_conversion.export_onnx",
     },
     "ultralytics": {"weights_conversion.convert_yolo"},
 }

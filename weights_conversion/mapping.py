@@ -122,3 +122,86 @@ def target_of(torch_key: str) -> tuple[str, Transform] | None:
 
 # NNX path prefix of the SUM task table (zero-filled when a checkpoint has none).
 TASK_PREFIX = "prompt_encoder.task_prompt_embedding."
+
+
+# ----------------------------------------------------------------------------------------------
+# The inverse table (amsam_jax NNX path -> official key), derived from MAPPING, for the export
+
+
+def _capture_groups(pattern: str) -> list[str]:
+    """The sub-patterns of the capturing groups of `pattern`, in order (none may nest)."""
+    groups, stack, i = [], [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "[":  # a character class: no groups inside
+            i = pattern.index("]", i + 1) + 1
+            continue
+        if char == "(":
+            capturing = not pattern.startswith("(?", i)
+            if capturing and any(stack):
+                raise ValueError(f"{pattern}: nested capturing groups cannot be inverted")
+            stack.append(i + 1 if capturing else 0)
+        elif char == ")":
+            start = stack.pop()
+            if start:
+                groups.append(pattern[start:i])
+        i += 1
+    return groups
+
+
+def _invert(pattern: str, template: str) -> tuple[re.Pattern, str]:
+    """(regex on the NNX path, template of the torch key) of one MAPPING rule."""
+    groups = _capture_groups(pattern)
+    parts = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+    order = [int(n) for n in parts[1::2]]  # original group numbers in template order
+    regex = "".join(
+        re.escape(p) if i % 2 == 0 else f"({groups[int(p) - 1]})" for i, p in enumerate(parts)
+    )
+    # The torch pattern with each group replaced by a backreference to its place in `regex`.
+    torch_template, count, i = "", 0, 0
+    while i < len(pattern):
+        if pattern[i] == "(" and not pattern.startswith("(?", i):
+            count += 1
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0) if pattern[j - 1] != "\\" else 0
+                j += 1
+            if count not in order:
+                raise ValueError(f"{pattern}: group {count} is not in the template {template}")
+            torch_template += f"\\{order.index(count) + 1}"
+            i = j
+        elif pattern.startswith("\\.", i):
+            torch_template += "."
+            i += 2
+        elif pattern[i] in "\\[]()|*+?{}^$.":
+            raise ValueError(f"{pattern}: {pattern[i]!r} outside a group cannot be inverted")
+        else:
+            torch_template += pattern[i]
+            i += 1
+    return re.compile(regex), torch_template
+
+
+# NNX path regex -> (torch key template, transform); DROP rules have no NNX side.
+INVERSE = [
+    (*_invert(pattern, template), transform)
+    for pattern, (template, transform) in MAPPING.items()
+    if transform is not Transform.DROP
+]
+
+
+def source_of(nnx_path: str) -> tuple[str, Transform] | None:
+    """The official torch key and the transform of the conversion for an NNX path (dotted).
+
+    The inverse of `target_of`: `target_of(key)` gives back `(nnx_path, transform)` (checked).
+    None when no rule produces the path.
+    """
+    for pattern, template, transform in INVERSE:
+        m = pattern.fullmatch(nnx_path)
+        if m:
+            key = m.expand(template)
+            if target_of(key) == (nnx_path, transform):
+                return key, transform
+    return None

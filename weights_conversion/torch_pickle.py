@@ -696,3 +696,102 @@ def dry_run(path: str | os.PathLike, allow: Allow):
                     path, f"record {name!r} holds {size} bytes, the pickle declares {nbytes}"
                 )
     return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: a state dict as `torch.save` writes it, without torch
+
+# The typed-storage name of each NumPy dtype the writer accepts (the inverse of STORAGE_DTYPES).
+_STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+_ARCHIVE = "archive"  # the record folder torch.save uses for a file object
+_ALIGNMENT = 64  # torch.save starts every storage record at a multiple of 64 bytes (mmap loads)
+
+
+def _pickle_str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _pickle_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return b"K" + bytes([value])  # BININT1
+    if 0 <= value < 65536:
+        return b"M" + struct.pack("<H", value)  # BININT2
+    if -(2**31) <= value < 2**31:
+        return b"J" + struct.pack("<i", value)  # BININT
+    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _pickle_ints(values: tuple[int, ...]) -> bytes:
+    return b"(" + b"".join(_pickle_int(v) for v in values) + b"t"  # MARK ... TUPLE
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode("ascii")  # GLOBAL
+
+
+def _state_dict_pickle(tensors: dict[str, np.ndarray]) -> bytes:
+    """`data.pkl` of a state dict: protocol 2, as torch.save writes it (no memo, no metadata).
+
+    OrderedDict(key -> torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False,
+    OrderedDict())), storage = persistent id ("storage", torch.<Type>Storage, "<n>", "cpu", numel).
+    """
+    ordered_dict = _global("collections", "OrderedDict") + b")R"  # OrderedDict()
+    out = [b"\x80\x02", ordered_dict]
+    for n, (key, array) in enumerate(tensors.items()):
+        strides = tuple(int(np.prod(array.shape[i + 1 :])) for i in range(array.ndim))  # C order
+        storage = (
+            b"(" + _pickle_str("storage") + _global("torch", _STORAGE_NAMES[array.dtype])
+            + _pickle_str(str(n)) + _pickle_str("cpu") + _pickle_int(array.size) + b"tQ"
+        )  # fmt: skip
+        tensor = (
+            _global("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + _pickle_int(0)
+            + _pickle_ints(array.shape) + _pickle_ints(strides) + b"\x89" + ordered_dict + b"tR"
+        )  # fmt: skip
+        out += [b"(", _pickle_str(key), tensor, b"u"]  # MARK key value SETITEMS
+    out.append(b".")
+    return b"".join(out)
+
+
+def _aligned_record(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """Stores `data` uncompressed with its bytes starting at a multiple of `_ALIGNMENT`."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    start = archive.fp.tell() + 30 + len(name.encode("utf-8")) + 4  # local header + extra head
+    pad = -start % _ALIGNMENT
+    info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad  # torch.save's padding field
+    archive.writestr(info, data)
+
+
+def write_state_dict(tensors: dict[str, np.ndarray], file) -> None:
+    """Writes a state dict in `torch.save`'s zip format, without torch.
+
+    `torch.load(file, weights_only=True)` returns an `OrderedDict` of CPU tensors (an
+    `nn.Module.load_state_dict` input) and `load_state_dict` above reads it back bit for bit.
+
+    Args:
+        tensors: name -> array; dtypes of `STORAGE_DTYPES` (float32, int64, ...), any shape
+            (0-d included). Non-contiguous arrays are written as C-contiguous copies.
+        file: a path or a binary file object open for writing (seekable).
+
+    Raises:
+        TypeError: a key that is not a string, or a dtype torch has no storage type for.
+    """
+    arrays = {}
+    for key, value in tensors.items():
+        array = np.asarray(value)
+        array = array if array.flags.c_contiguous else array.copy(order="C")  # 0-d stays 0-d
+        if not isinstance(key, str):
+            raise TypeError(f"state dict keys are strings, got {key!r}")
+        if array.dtype not in _STORAGE_NAMES:
+            raise TypeError(f"{key}: no torch storage type for dtype {array.dtype}")
+        arrays[key] = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        _aligned_record(archive, f"{_ARCHIVE}/data.pkl", _state_dict_pickle(arrays))
+        _aligned_record(archive, f"{_ARCHIVE}/.format_version", b"1")
+        _aligned_record(archive, f"{_ARCHIVE}/.storage_alignment", str(_ALIGNMENT).encode())
+        _aligned_record(archive, f"{_ARCHIVE}/byteorder", b"little")
+        for n, array in enumerate(arrays.values()):
+            _aligned_record(archive, f"{_ARCHIVE}/data/{n}", array.tobytes())
+        _aligned_record(archive, f"{_ARCHIVE}/version", b"3\n")

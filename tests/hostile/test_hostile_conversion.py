@@ -346,8 +346,9 @@ def test_an_unknown_command_prints_usage_to_stderr(argv, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert lines[0].startswith("usage: python -m weights_conversion {sam,yolo,blo-sam-lora}")
-    assert lines[-1].startswith("error: ") and "(one of sam, yolo, blo-sam-lora)" in lines[-1]
+    commands = ("sam", "yolo", "blo-sam-lora", "export-sam", "export-onnx")
+    assert lines[0].startswith(f"usage: python -m weights_conversion {{{','.join(commands)}}}")
+    assert lines[-1].startswith("error: ") and f"(one of {', '.join(commands)})" in lines[-1]
     assert (repr(argv[0]) if argv else "no command") in lines[-1]
 
 
@@ -516,11 +517,14 @@ def yolo_files(tmp_path_factory) -> tuple[dict, Path]:
     from yolo_fixtures import ultralytics_offline
 
     ultralytics_offline(root / "ultralytics_config")
+    import ultralytics  # noqa: F401  (writes its settings file now, not inside a watched case)
+
     cases = yolo_cases(root, root / "MARKER")
     assert list(cases) == YOLO_CASES
     return cases, root
 
 
+@pytest.mark.needs("ultralytics")
 @pytest.mark.parametrize("case", YOLO_CASES)
 def test_yolo_export_refuses_without_running_anything(case, yolo_files, tmp_path, capsys):
     cases, root = yolo_files
@@ -530,6 +534,7 @@ def test_yolo_export_refuses_without_running_anything(case, yolo_files, tmp_path
     assert not (root / "MARKER").exists()
 
 
+@pytest.mark.needs("ultralytics")
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
@@ -571,6 +576,7 @@ def test_yolo_arguments_fail_cleanly(argv, names, yolo_files, tmp_path, capsys):
     fails_cleanly(main, ["yolo", *fill], capsys, names=names, watch=[tmp_path])
 
 
+@pytest.mark.needs("ultralytics")
 def test_trust_pickle_skips_only_the_allow_list(yolo_files, tmp_path, capsys):
     """A trusted file still gets the format checks (and these fail before any unpickling)."""
     cases, root = yolo_files
@@ -580,6 +586,7 @@ def test_trust_pickle_skips_only_the_allow_list(yolo_files, tmp_path, capsys):
         fails_cleanly(main, argv, capsys, names=names, watch=[tmp_path, root])
 
 
+@pytest.mark.needs("ultralytics")
 def test_with_trust_pickle_the_payload_does_run(yolo_files, tmp_path, capsys):
     """The control: what the check refused is live code, and --trust-pickle hands it over."""
     cases, root = yolo_files
@@ -636,3 +643,45 @@ def test_blo_sam_lora_import_of_a_bad_file_fails_cleanly(case, files, tmp_path, 
         str(files[case]),
     ]
     fails_cleanly(main, argv, capsys, names=[str(files[case])], watch=[tmp_path])
+
+
+# --- a conversion killed (SIGKILL, a real process) at a chosen moment ---
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+KILL_MOMENTS = {
+    "after_params_before_config": "weights_conversion.convert_sam:save_params:1:after",
+    "before_config": "weights_conversion.convert_sam:write_json:1:before",
+    "inside_the_params_save": (
+        "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize:1:before"
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_a_conversion_killed_at_any_moment_leaves_nothing_and_the_rerun_succeeds(
+    moment, files, tmp_path
+):
+    """SIGKILL during `python -m weights_conversion sam`: no `out`, only a hidden temporary that
+    the next run removes; the rerun converts and leaves exactly `out`, equal to an unkilled run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    cli = [sys.executable, str(ROOT_DIR / "tests" / "faults.py"), KILL_MOMENTS[moment], "--",
+           "-m", "weights_conversion.__main__", "sam", str(files["tiny"]), str(out)]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    killed = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=ROOT_DIR)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists()
+    assert all(p.name.startswith(".") for p in out.parent.iterdir())  # only hidden temporaries
+    assert main(["sam", str(files["tiny"]), str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    reference = tmp_path / "reference"
+    assert main(["sam", str(files["tiny"]), str(reference)]) == 0
+    got, want = load_sam(out), load_sam(reference)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(got)), nnx.to_flat_state(nnx.state(want)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
