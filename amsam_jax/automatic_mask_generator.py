@@ -4,14 +4,19 @@ Port of segment_anything/automatic_mask_generator.py (Apache-2.0) on the Flax mo
 arguments, same order of operations and the same output records; in addition each record can
 carry SAM's soft probability map (docs/sum.md §2.2).
 
-Deviations, all for speed or memory (none changes a result):
-- point batches have a fixed size (the last one is padded), so there is one decode compile per
-  crop size; thresholding, the stability score and mask boxes are computed inside that jitted call;
-- kept masks are stored cropped to their box instead of as RLE, and the probability maps are
-  recomputed from the low-resolution logits only for the masks that survive NMS.
+Deviations, all for speed or memory (none changes a result; docs/sum.md §2.2):
+- point batches have a fixed size (the last one is padded) and are decoded to low-res logits only;
+  the predicted-IoU filter runs on those, and only the candidates that pass it are upsampled (in
+  fixed-size chunks, `amsam_jax/utils/upsample.py`, the same floats as `Sam.postprocess_masks`)
+  and scored (stability, boxes) in a separate jitted call;
+- only the low-res logits of kept masks are stored: the full-size masks and probability maps are
+  recomputed by the same programs for the masks that survive NMS;
+- the crop size enters the compiled programs through size buckets, so images in one bucket
+  compile nothing new.
 """
 
 import math
+import time
 from functools import partial
 from numbers import Real
 from typing import Any
@@ -34,77 +39,81 @@ from amsam_jax.utils.amg import (
     mask_to_rle,
     remove_small_regions,
     uncrop_boxes_xyxy,
-    uncrop_masks,
     uncrop_points,
 )
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.nms import nms
+from amsam_jax.utils.upsample import crop_taps, upsample_logits
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# Wall seconds of the last `generate`, by stage (`SamAutomaticMaskGenerator.timings`); a stage's
+# first call on a new shape includes its compile.
+TIMING_KEYS = (
+    "encoder_s",  # set_image, per crop
+    "decoder_s",  # prompt encoder + mask decoder, per point batch
+    "upsample_score_s",  # IoU-passing candidates to crop size, stability score and boxes
+    "host_transfer_s",  # device -> host copies and the per-candidate filters
+    "final_masks_s",  # the kept masks (and probabilities) at the original size
+    "postprocess_s",  # NMS, small regions, the output records
+    "total_s",
+)
 
 # ---------------------------------------------------------------------------------------------
 # Jitted model calls
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _predict_points(
+@partial(jax.jit, static_argnums=(0, 4))
+def _decode_points(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     features: jax.Array,
     coords: jax.Array,
-    stability_score_offset: jax.Array,
-    input_size: tuple[int, int],
-    crop_size: tuple[int, int],
     task: int | None,
-):
-    """One positive point per row -> three masks per point, scored and boxed at crop size.
+) -> tuple[jax.Array, jax.Array]:
+    """One positive point per row -> three low-resolution masks per point and their scores.
 
     Args:
         features: (1, G, G, C) embedding of the crop, shared by every point.
         coords: (B, 2) points in the resized-input frame.
-        stability_score_offset: scalar.
-        input_size: (h, w) of the resized crop.
-        crop_size: (H, W) of the crop.
         task: the task-prompt id (docs/sum.md §4), or None for plain SAM; a static argument, so
             one id is one compile.
 
     Returns:
-        low-res logits (B, 3, L, L), predicted IoU (B, 3), stability score (B, 3), masks
-        (B, 3, H, W) bool and boxes (B, 3, 4) int32.
+        low-res logits (B, 3, L, L) and predicted IoU (B, 3).
     """
     model = nnx.merge(graphdef, state)
     b = coords.shape[0]
     labels = jnp.ones((b, 1), jnp.int32)
     sparse, dense = model.prompt_encoder((coords[:, None, :], labels), None, None, task)
-    low_res, iou = model.mask_decoder(
-        features, model.prompt_encoder.get_dense_pe(), sparse, dense, True
-    )
-    logits = model.postprocess_masks(low_res, input_size, crop_size)  # (B, 3, H, W)
-    thr = model.mask_threshold
-    stability = calculate_stability_score(logits, thr, stability_score_offset)
-    masks = logits > thr
-    return low_res, iou, stability, masks, batched_mask_to_box(masks)
+    return model.mask_decoder(features, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _probabilities(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    low_res: jax.Array,
-    input_size: tuple[int, int],
-    crop_size: tuple[int, int],
-) -> jax.Array:
-    """(P, L, L) low-res logits -> (P, H, W) uint8 round(255·sigmoid) at crop size.
+# The upsampling and the reductions over its output are separate programs on purpose (see
+# amsam_jax/utils/upsample.py): fused, XLA on CPU makes them ~100x slower.
+_upsample = jax.jit(upsample_logits, static_argnums=1)
 
-    The value is clamped to >= 128 where logit > threshold and <= 127 elsewhere, so that
+
+@jax.jit
+def _score(logits: jax.Array, threshold: jax.Array, offset: jax.Array):
+    """(N, Hb, Wb) logits -> stability score (N,) and mask boxes (N, 4) int32."""
+    stability = calculate_stability_score(logits, threshold, offset)
+    return stability, batched_mask_to_box(logits > threshold)
+
+
+@partial(jax.jit, static_argnums=2)
+def _masks_and_probabilities(logits: jax.Array, threshold: jax.Array, probabilities: bool):
+    """(N, Hb, Wb) logits -> bool masks and, if asked, uint8 round(255·sigmoid) maps.
+
+    The probability is clamped to >= 128 where logit > threshold and <= 127 elsewhere, so that
     `prob > 127.5` reproduces the binary mask exactly (float32 rounding at logit ≈ 0 could
     otherwise disagree).
     """
-    model = nnx.merge(graphdef, state)
-    logits = model.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+    masks = logits > threshold
+    if not probabilities:
+        return masks, None
     prob = jnp.round(255.0 * jax.nn.sigmoid(logits))
-    prob = jnp.where(logits > model.mask_threshold, jnp.maximum(prob, 128), jnp.minimum(prob, 127))
-    return prob.astype(jnp.uint8)
+    prob = jnp.where(masks, jnp.maximum(prob, 128), jnp.minimum(prob, 127))
+    return masks, prob.astype(jnp.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,18 +220,42 @@ def check_generator_settings(
 
 
 class _CropMasks:
-    """Masks kept from one crop, as aligned arrays (the reference's MaskData)."""
+    """Masks kept from one crop, as aligned arrays (the reference's MaskData).
+
+    Only the low-resolution logits are stored; the full-resolution masks are recomputed from
+    them for the masks that survive every filter and NMS.
+    """
 
     def __init__(self, crop_box: list[int], input_size: tuple[int, int], crop_size):
         self.crop_box = crop_box
         self.input_size = input_size
         self.crop_size = crop_size
+        self.taps = crop_taps(input_size, crop_size)  # padded to the crop size's bucket
+        bucket = (len(self.taps["h"][0]), len(self.taps["w"][0]))
+        self.chunk = _chunk_size(bucket)
         self.boxes: list[np.ndarray] = []  # (4,) int64, crop frame
         self.iou: list[np.float32] = []
         self.stability: list[np.float32] = []
         self.points: list[np.ndarray] = []  # (2,) float64, crop frame
-        self.mask_crops: list[np.ndarray] = []  # bool, the mask inside its box
         self.low_res: list[np.ndarray] = []  # (L, L) float32
+
+
+# Upsampled logits per jitted call: at most this many float32 pixels (64 MiB), at most 64 masks.
+_CHUNK_PIXELS = 2**24
+_MAX_CHUNK = 64
+
+
+def _chunk_size(bucket: tuple[int, int]) -> int:
+    """Masks per upsampling call for a (Hb, Wb) bucket: a power of two in [1, 64]."""
+    n = max(1, _CHUNK_PIXELS // (bucket[0] * bucket[1]))
+    return min(_MAX_CHUNK, 1 << (n.bit_length() - 1))
+
+
+def _stack_rows(rows: list[np.ndarray], n: int) -> np.ndarray:
+    """(len(rows), L, L) float32 rows zero-padded to (n, L, L)."""
+    out = np.zeros((n, *rows[0].shape), np.float32)
+    out[: len(rows)] = rows
+    return out
 
 
 class SamAutomaticMaskGenerator:
@@ -297,6 +330,7 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.task = task
         self.keep_probabilities = keep_probabilities
+        self.timings = dict.fromkeys(TIMING_KEYS, 0.0)
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Generates masks for an image.
@@ -322,6 +356,8 @@ class SamAutomaticMaskGenerator:
         crops_kept = [i for i, (x0, y0, x1, y1) in enumerate(crop_boxes) if x1 > x0 and y1 > y0]
         crop_boxes = [crop_boxes[i] for i in crops_kept]
         layer_idxs = [layer_idxs[i] for i in crops_kept]
+        self.timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        start = time.perf_counter()
         crops = [
             self._process_crop(image, crop_box, layer_idx, (orig_h, orig_w))
             for crop_box, layer_idx in zip(crop_boxes, layer_idxs, strict=True)
@@ -341,12 +377,13 @@ class SamAutomaticMaskGenerator:
             keep = nms(boxes.astype(np.float32), np.float32(1) / areas, self.crop_nms_thresh)
             refs = [refs[k] for k in keep]
             boxes = boxes[keep]
-        masks = [self._full_mask(crops[c], i, (orig_h, orig_w)) for c, i in refs]
+        masks, probabilities = self._final_masks(crops, refs, (orig_h, orig_w))
         if self.min_mask_region_area > 0 and refs:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
             keep, masks, boxes = self._postprocess_small_regions(masks, nms_thresh)
             refs = [refs[k] for k in keep]
-        probabilities = self._probabilities(crops, refs, (orig_h, orig_w))
+            if probabilities is not None:
+                probabilities = [probabilities[k] for k in keep]
         records = []
         for k, (c, i) in enumerate(refs):
             crop = crops[c]
@@ -374,6 +411,10 @@ class SamAutomaticMaskGenerator:
                     prob = np.where(mask, np.maximum(prob, 128), np.minimum(prob, 127))
                 record["probability"] = prob.astype(np.uint8)
             records.append(record)
+        total = time.perf_counter() - start
+        measured = sum(v for key, v in self.timings.items() if key != "postprocess_s")
+        self.timings["total_s"] = total
+        self.timings["postprocess_s"] = max(0.0, total - measured)
         return records
 
     def _process_crop(
@@ -386,69 +427,99 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         cropped_im = image[y0:y1, x0:x1, :]
         crop_size = tuple(int(s) for s in cropped_im.shape[:2])
+        t = time.perf_counter()
         self.predictor.set_image(cropped_im)
+        features = jax.block_until_ready(self.predictor.features)
+        self._tick("encoder_s", t)
         input_size = tuple(int(s) for s in self.predictor.input_size)
-        features = self.predictor.features
         graphdef, state = self.predictor._graphdef, self.predictor._state
         out = _CropMasks(crop_box, input_size, crop_size)
 
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[crop_layer_idx] * points_scale
         transformed = self.predictor.transform_coords(points_for_image)
-        offset = jnp.float32(self.stability_score_offset)
         orig_box = [0, 0, orig_size[1], orig_size[0]]
+        # Candidates that passed the predicted-IoU filter, upsampled `out.chunk` at a time.
+        pending: list[tuple[np.ndarray, np.float32, np.ndarray]] = []
         n, b = len(points_for_image), self.points_per_batch
         for start in range(0, n, b):
             stop = min(start + b, n)
             coords = np.zeros((b, 2), np.float32)
             coords[: stop - start] = transformed[start:stop]
-            low_res, iou, stability, masks, boxes = _predict_points(
-                graphdef, state, features, jnp.asarray(coords), offset, input_size, crop_size,
-                self.task,
-            )  # fmt: skip
+            t = time.perf_counter()
+            low_res, iou = jax.block_until_ready(
+                _decode_points(graphdef, state, features, jnp.asarray(coords), self.task)
+            )
+            t = self._tick("decoder_s", t)
             k = 3 * (stop - start)  # rows b * 3 + j, as the reference's flatten(0, 1)
             iou = np.asarray(iou).reshape(-1)[:k]
-            stability = np.asarray(stability).reshape(-1)[:k]
-            boxes = np.asarray(boxes).reshape(-1, 4)[:k].astype(np.int64)
             keep = np.ones(k, dtype=bool)
             if self.pred_iou_thresh > 0.0:
                 keep &= iou > np.float32(self.pred_iou_thresh)
-            if self.stability_score_thresh > 0.0:
-                keep &= stability >= np.float32(self.stability_score_thresh)
-            keep &= ~is_box_near_crop_edge(boxes, crop_box, orig_box)
             idx = np.flatnonzero(keep)
-            if idx.size == 0:
-                continue
-            masks = np.asarray(masks).reshape(-1, *crop_size)
-            low_res = np.asarray(low_res).reshape(-1, *low_res.shape[2:])
-            points = np.repeat(points_for_image[start:stop], 3, axis=0)
-            for j in idx:
-                bx0, by0, bx1, by1 = boxes[j]
-                out.boxes.append(boxes[j])
-                out.iou.append(iou[j])
-                out.stability.append(stability[j])
-                out.points.append(points[j])
-                out.mask_crops.append(masks[j, by0 : by1 + 1, bx0 : bx1 + 1].copy())
-                out.low_res.append(low_res[j].copy())
+            if idx.size:
+                low_res = np.asarray(low_res).reshape(-1, *low_res.shape[2:])[idx]
+                points = np.repeat(points_for_image[start:stop], 3, axis=0)[idx]
+                pending += zip(low_res, iou[idx], points, strict=True)
+            self._tick("host_transfer_s", t)
+            while len(pending) >= out.chunk:
+                self._score_candidates(out, pending[: out.chunk], orig_box)
+                del pending[: out.chunk]
+        if pending:
+            self._score_candidates(out, pending, orig_box)
         self.predictor.reset_image()
 
         # Remove duplicates within this crop.
         if out.iou:
             keep = nms(np.asarray(out.boxes, np.float32), np.asarray(out.iou), self.box_nms_thresh)
-            for name in ("boxes", "iou", "stability", "points", "mask_crops", "low_res"):
+            for name in ("boxes", "iou", "stability", "points", "low_res"):
                 values = getattr(out, name)
                 setattr(out, name, [values[k] for k in keep])
         return out
 
-    @staticmethod
-    def _full_mask(crop: _CropMasks, i: int, orig_size: tuple[int, int]) -> np.ndarray:
-        """Mask i of a crop at the original image size."""
-        mask = np.zeros(orig_size, dtype=bool)
-        bx0, by0, _, _ = crop.boxes[i]
-        piece = crop.mask_crops[i]
-        y0, x0 = crop.crop_box[1] + by0, crop.crop_box[0] + bx0
-        mask[y0 : y0 + piece.shape[0], x0 : x0 + piece.shape[1]] = piece
-        return mask
+    def _score_candidates(
+        self,
+        out: _CropMasks,
+        candidates: list[tuple[np.ndarray, np.float32, np.ndarray]],
+        orig_box: list[int],
+    ) -> None:
+        """Stability filter and crop-edge filter of up to `out.chunk` candidates; keeps the rest.
+
+        Args:
+            candidates: (low-res logits (L, L), predicted IoU, point (2,)) per mask, in order.
+        """
+        t = time.perf_counter()
+        rows = _stack_rows([c[0] for c in candidates], out.chunk)
+        image_size = self.predictor.model.image_size
+        logits = _upsample(jnp.asarray(rows), image_size, out.taps)
+        stability, boxes = _score(
+            logits,
+            jnp.float32(self.predictor.model.mask_threshold),
+            jnp.float32(self.stability_score_offset),
+        )
+        stability, boxes = jax.block_until_ready((stability, boxes))
+        t = self._tick("upsample_score_s", t)
+        m = len(candidates)
+        stability = np.asarray(stability)[:m]
+        boxes = np.asarray(boxes)[:m].astype(np.int64)
+        keep = np.ones(m, dtype=bool)
+        if self.stability_score_thresh > 0.0:
+            keep &= stability >= np.float32(self.stability_score_thresh)
+        keep &= ~is_box_near_crop_edge(boxes, out.crop_box, orig_box)
+        for j in np.flatnonzero(keep):
+            low_res, iou, point = candidates[j]
+            out.boxes.append(boxes[j])
+            out.iou.append(iou)
+            out.stability.append(stability[j])
+            out.points.append(point)
+            out.low_res.append(low_res)
+        self._tick("host_transfer_s", t)
+
+    def _tick(self, key: str, start: float) -> float:
+        """Adds the seconds since `start` to `self.timings[key]`; returns now."""
+        now = time.perf_counter()
+        self.timings[key] += now - start
+        return now
 
     def _postprocess_small_regions(
         self, masks: list[np.ndarray], nms_thresh: float
@@ -469,27 +540,39 @@ class SamAutomaticMaskGenerator:
         keep = nms(boxes.astype(np.float32), np.asarray(scores, np.float32), nms_thresh)
         return keep, [new_masks[k] for k in keep], boxes[keep]
 
-    def _probabilities(
+    def _final_masks(
         self, crops: list[_CropMasks], refs: list[tuple[int, int]], orig_size: tuple[int, int]
-    ) -> list[np.ndarray] | None:
-        """uint8 probability maps of the kept masks at the original size, in `refs` order."""
-        if not self.keep_probabilities:
-            return None
-        graphdef, state = self.predictor._graphdef, self.predictor._state
-        out: list[np.ndarray | None] = [None] * len(refs)
-        b = self.points_per_batch
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Masks (bool) and, with `keep_probabilities`, uint8 probability maps of the kept
+        masks at the original size, in `refs` order.
+
+        Recomputed from the stored low-res logits by the same jitted programs (same chunk size)
+        that scored them, so each mask is bit for bit the one its box was measured on.
+        """
+        t = time.perf_counter()
+        masks: list[np.ndarray | None] = [None] * len(refs)
+        probs: list[np.ndarray | None] = [None] * len(refs)
+        image_size = self.predictor.model.image_size
+        threshold = jnp.float32(self.predictor.model.mask_threshold)
+        orig_h, orig_w = orig_size
         for c, crop in enumerate(crops):
             rows = [k for k, (cc, _) in enumerate(refs) if cc == c]
-            for start in range(0, len(rows), b):
-                chunk = rows[start : start + b]
-                low_res = np.zeros((b, *crop.low_res[0].shape), np.float32)
-                low_res[: len(chunk)] = [crop.low_res[refs[k][1]] for k in chunk]
-                prob = np.asarray(
-                    _probabilities(
-                        graphdef, state, jnp.asarray(low_res), crop.input_size, crop.crop_size
-                    )
-                )
-                prob = uncrop_masks(prob[: len(chunk)], crop.crop_box, *orig_size)
-                for k, p in zip(chunk, prob, strict=True):
-                    out[k] = p
-        return out
+            h, w = crop.crop_size
+            x0, y0, x1, y1 = crop.crop_box
+            for start in range(0, len(rows), crop.chunk):
+                chunk = rows[start : start + crop.chunk]
+                low_res = _stack_rows([crop.low_res[refs[k][1]] for k in chunk], crop.chunk)
+                logits = _upsample(jnp.asarray(low_res), image_size, crop.taps)
+                mask, prob = _masks_and_probabilities(logits, threshold, self.keep_probabilities)
+                mask = np.asarray(mask)
+                prob = None if prob is None else np.asarray(prob)
+                for j, k in enumerate(chunk):
+                    full = np.zeros(orig_size, dtype=bool)
+                    full[y0:y1, x0:x1] = mask[j, :h, :w]
+                    masks[k] = full
+                    if prob is not None:
+                        full = np.zeros(orig_size, dtype=np.uint8)
+                        full[y0:y1, x0:x1] = prob[j, :h, :w]
+                        probs[k] = full
+        self._tick("final_masks_s", t)
+        return masks, (probs if self.keep_probabilities else None)

@@ -314,3 +314,40 @@ def test_thin_images_the_official_fails_on_give_masks_inside_the_image(models, s
         assert r["segmentation"].shape == size and r["probability"].shape == size
         x, y, w, h = r["crop_box"]
         assert w > 0 and h > 0 and x + w <= size[1] and y + h <= size[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Size buckets: one set of compiles per bucket, and the padding changes nothing
+
+
+def _compiles() -> dict[str, int]:
+    from amsam_jax import automatic_mask_generator as amg
+    from amsam_jax import predictor
+
+    fns = {
+        "decode": amg._decode_points,
+        "upsample": amg._upsample,
+        "score": amg._score,
+        "final": amg._masks_and_probabilities,
+        "encode": predictor._encode,
+    }
+    return {name: fn._cache_size() for name, fn in fns.items()}
+
+
+def test_images_of_one_size_bucket_share_compiles_and_match_official(models, image):
+    # 96 x 160 fills its bucket exactly; 90 x 150 is padded to it (-inf logits in the padding).
+    # The second image must compile nothing, and still give the official masks, boxes, scores.
+    ref_model, model = models
+    generator = SamAutomaticMaskGenerator(model, **BASE)
+    generator.generate(image)
+    after_first = _compiles()
+    small = np.ascontiguousarray(image[3:93, 5:155])
+    ours = generator.generate(small)
+    assert _compiles() == after_first
+    ref = OfficialGenerator(ref_model, **BASE).generate(small)
+    assert len(ref) > 5
+    assert_same_records(ours, ref, small.shape[:2])
+    # A size in another bucket does compile the upsampling again (the count can move).
+    generator.generate(np.ascontiguousarray(image[:, :100]))
+    assert _compiles()["upsample"] > after_first["upsample"]
+    assert set(generator.timings) >= {"encoder_s", "decoder_s", "upsample_score_s", "total_s"}

@@ -6,6 +6,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from amsam_jax.utils.upsample import linear_taps
+
 
 class Buffer(nnx.Variable):
     """A non-trainable array loaded from the checkpoint (a torch buffer)."""
@@ -93,14 +95,7 @@ class ConvTranspose2x2(nnx.Module):
 
 def _linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of PyTorch's linear interpolation (align_corners=False)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.floor(src).astype(np.int32)
-    i0 = np.minimum(i0, in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = (src - i0.astype(np.float32)).astype(np.float32)
-    return i0, i1, lam
+    return linear_taps(in_size, out_size)
 
 
 def resize_linear(x, size: int, axis: int):
