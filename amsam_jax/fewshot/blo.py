@@ -139,25 +139,17 @@ def _adam_moments(opt_state):
     return optax.tree_utils.tree_get(opt_state, "mu"), optax.tree_utils.tree_get(opt_state, "nu")
 
 
-def make_step(
+def build_step(
     graphdef,
     cfg: StepConfig,
     lower_lr: Callable[[jax.Array], jax.Array],
     upper_lr: Callable[[jax.Array], jax.Array],
     lower_b1: float,
 ) -> tuple[Callable, optax.GradientTransformation, optax.GradientTransformation]:
-    """Builds the jitted bi-level step and the two optimisers.
+    """The bi-level step as a pure function (unjitted) and the two optimisers.
 
-    Args:
-        graphdef: graph definition of the `TrainingModel`.
-        cfg: static step settings.
-        lower_lr: schedule k -> lower learning rate.
-        upper_lr: schedule k -> upper learning rate.
-        lower_b1: lower AdamW beta1 (0.95 reproduces the reference's OneCycleLR side effect).
-
-    Returns:
-        (step, lower_tx, upper_tx) with step(state, frozen, batch1, batch2) -> (state, metrics);
-        state = {"lower", "prompt", "lower_opt", "prompt_opt", "step"} is donated.
+    `make_step` jits it for one iteration per call, `make_epoch` scans it over many; the
+    arguments are those of `make_step`.
     """
     if cfg.hypergradient not in HYPERGRADIENTS:
         raise ValueError(
@@ -247,7 +239,57 @@ def make_step(
         }
         return new_state, metrics
 
+    return step, lower_tx, upper_tx
+
+
+def make_step(
+    graphdef,
+    cfg: StepConfig,
+    lower_lr: Callable[[jax.Array], jax.Array],
+    upper_lr: Callable[[jax.Array], jax.Array],
+    lower_b1: float,
+) -> tuple[Callable, optax.GradientTransformation, optax.GradientTransformation]:
+    """Builds the jitted bi-level step and the two optimisers.
+
+    Args:
+        graphdef: graph definition of the `TrainingModel`.
+        cfg: static step settings.
+        lower_lr: schedule k -> lower learning rate.
+        upper_lr: schedule k -> upper learning rate.
+        lower_b1: lower AdamW beta1 (0.95 reproduces the reference's OneCycleLR side effect).
+
+    Returns:
+        (step, lower_tx, upper_tx) with step(state, frozen, batch1, batch2) -> (state, metrics);
+        state = {"lower", "prompt", "lower_opt", "prompt_opt", "step"} is donated.
+    """
+    step, lower_tx, upper_tx = build_step(graphdef, cfg, lower_lr, upper_lr, lower_b1)
     return jax.jit(step, donate_argnums=0), lower_tx, upper_tx
+
+
+def make_epoch(step: Callable) -> Callable:
+    """One jitted `lax.scan` of the (unjitted) `build_step` step over a run of iterations.
+
+    The batches stay on the device for the whole run: iteration t uses D1 batch `idx1[t]` and D2
+    batch `idx2[t]` of the stacked splits, so a call transfers only the two index vectors. The
+    scanned body is the step itself; its results are bitwise those of calling the jitted step
+    once per iteration (tests/fewshot/test_blo.py checks it).
+
+    Returns:
+        epoch(state, frozen, data1, data2, idx1, idx2) -> (state, metrics), with data1/data2 the
+        batches stacked as dicts of (n_batches, B, ...) arrays, idx1/idx2 (T,) int32 and metrics
+        the step's scalars stacked to (T,); state is donated. Each distinct T compiles once.
+    """
+
+    def epoch(state, frozen, data1, data2, idx1, idx2):
+        def body(state, ij):
+            i, j = ij
+            batch1 = jax.tree.map(lambda x: x[i], data1)
+            batch2 = jax.tree.map(lambda x: x[j], data2)
+            return step(state, frozen, batch1, batch2)
+
+        return jax.lax.scan(body, state, (idx1, idx2))
+
+    return jax.jit(epoch, donate_argnums=0)
 
 
 def darts_fd_hypergradient(

@@ -26,7 +26,14 @@ from amsam_jax.data.folder import list_samples
 from amsam_jax.data.synthetic import bundled_synthetic_dir
 from amsam_jax.evaluation.fewshot import evaluate_fewshot, predict_masks
 from amsam_jax.evaluation.plots import plot_curves, write_samples
-from amsam_jax.fewshot.blo import BoxResidual, StepConfig, TrainingModel, make_step, split_trainable
+from amsam_jax.fewshot.blo import (
+    BoxResidual,
+    StepConfig,
+    TrainingModel,
+    build_step,
+    make_epoch,
+    split_trainable,
+)
 from amsam_jax.fewshot.config import FewShotConfig
 from amsam_jax.fewshot.lora import apply_lora, count_params, mark_trainable
 from amsam_jax.fewshot.preprocessing import (
@@ -127,7 +134,8 @@ class Setup:
     d2: Split
     lower_tx: Any
     upper_tx: Any
-    step_fn: Any
+    step_fn: Any  # one iteration per call (`blo.make_step`)
+    epoch_fn: Any  # a run of iterations per call (`blo.make_epoch`)
     total_steps: int
     iters_per_epoch: int
     box_note: str
@@ -193,7 +201,8 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
     total = cfg.train.epochs * iters
     lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
     scfg = step_config(cfg)
-    step_fn, lower_tx, upper_tx = make_step(trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1)
+    step, lower_tx, upper_tx = build_step(trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1)
+    step_fn, epoch_fn = jax.jit(step, donate_argnums=0), make_epoch(step)
     initial = {
         "lower": trainable.lower,
         "prompt": trainable.prompt,
@@ -203,7 +212,7 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
     }
     return Setup(
         cfg, sam_cfg, weights, trainable.graphdef, trainable.frozen, initial, scfg, d1, d2,
-        lower_tx, upper_tx, step_fn, total, iters, box_note, sam, embedder, prep,
+        lower_tx, upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep,
     )  # fmt: skip
 
 
@@ -238,7 +247,7 @@ def train(
         summary: best D2 Dice, steps, weights description, paths.
     """
     cfg.validate()
-    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
+    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s, background_saves=True)
     workdir = run.workdir
     with run.setting_up():
         setup = build_setup(cfg, workdir)
@@ -258,54 +267,131 @@ def train(
     return _finish(setup, run, writer, state, step, best, meta)
 
 
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """The batch schedule of a run (docs/fewshot.md §5.3) and, when every batch it uses has the
+    same shape, the two splits stacked on the device for `blo.make_epoch`.
+
+    Iteration k (0-based) trains on D1 batch `k % iters_per_epoch` and D2 batch 0
+    (`train.upper_batch=first`) or `k % n2_batches` (`cycle`); batch i of a split holds its rows
+    i*B .. min((i+1)*B, n) - 1, so the last one is short when B does not divide n.
+    """
+
+    batch_size: int
+    n1: int
+    n2: int
+    iters_per_epoch: int
+    upper_first: bool
+    d1: dict | None  # (n1 // B, B, ...) arrays, or None: ragged, one jitted step per iteration
+    d2: dict | None
+
+    @classmethod
+    def of(cls, setup: Setup) -> "Batches":
+        bs, n1, n2 = setup.cfg.train.batch_size, len(setup.d1.stems), len(setup.d2.stems)
+        upper_first = setup.cfg.train.upper_batch == "first"
+        plan = cls(bs, n1, n2, setup.iters_per_epoch, upper_first, None, None)
+        d2_batches = 1 if upper_first else math.ceil(n2 / bs)
+        # A short batch cannot be stacked with full ones: padding it would change the batch
+        # means of the loss and of the calibration (docs/fewshot.md §6.3), so such a run keeps
+        # the per-iteration path.
+        ragged = n1 % bs or (d2_batches > 1 and n2 % bs)
+        if ragged:
+            return plan
+
+        def stack(split: Split, count: int) -> dict:
+            batches = [split.batch(plan.rows(i, split is setup.d1)) for i in range(count)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+        return dataclasses.replace(
+            plan, d1=stack(setup.d1, setup.iters_per_epoch), d2=stack(setup.d2, d2_batches)
+        )
+
+    @property
+    def stacked(self) -> bool:
+        return self.d1 is not None
+
+    def rows(self, batch: int, d1: bool) -> np.ndarray:
+        """The rows of batch `batch` of D1 (or D2)."""
+        n = self.n1 if d1 else self.n2
+        return np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, n))
+
+    def indices(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D1 batch, D2 batch) of iterations start .. stop - 1, as (T,) int32."""
+        k = np.arange(start, stop)
+        n2_batches = math.ceil(self.n2 / self.batch_size)
+        j = np.zeros_like(k) if self.upper_first else k % n2_batches
+        return (k % self.iters_per_epoch).astype(np.int32), j.astype(np.int32)
+
+
+def run_iterations(setup: Setup, batches: Batches, state: dict, start: int, stop: int):
+    """Iterations start .. stop - 1 of one epoch: one `epoch_fn` call over the stacked batches,
+    or (ragged batches) one `step_fn` call each.
+
+    Returns:
+        (state, metrics): metrics as host arrays (T,) per name, T = stop - start.
+    """
+    idx1, idx2 = batches.indices(start, stop)
+    if batches.stacked:
+        state, metrics = setup.epoch_fn(
+            state, setup.frozen, batches.d1, batches.d2, jnp.asarray(idx1), jnp.asarray(idx2)
+        )
+        return state, jax.device_get(metrics)
+    rows = []
+    for i, j in zip(idx1, idx2, strict=True):
+        batch1 = setup.d1.batch(batches.rows(int(i), True))
+        batch2 = setup.d2.batch(batches.rows(int(j), False))
+        state, metrics = setup.step_fn(state, setup.frozen, batch1, batch2)
+        rows.append(metrics)
+    return state, jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(rows))
+
+
 def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict, meta: dict):
-    """Epochs from `meta["step"]` to the end; returns (state, step, best D2 Dice, meta)."""
-    n1, n2 = len(setup.d1.stems), len(setup.d2.stems)
-    bs = cfg.train.batch_size
-    n2_batches = math.ceil(n2 / bs)
+    """Epochs from `meta["step"]` to the end; returns (state, step, best D2 Dice, meta).
+
+    Each epoch is one `run_iterations` call (split at the multiples of `train.checkpoint_every`
+    when set, and starting where a resumed run's checkpoint left off). Non-finite values, Ctrl-C
+    and the saves act at those boundaries; the metrics of every iteration are written as before,
+    `step_time_s` being the call's wall time over its iterations.
+    """
+    batches = Batches.of(setup)
+    iters = setup.iters_per_epoch
+    every = cfg.train.checkpoint_every
     step = int(meta["step"])
     best = float(meta["best_dice"])
-    frozen = setup.frozen
+    d2_eval = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the loop uses dice, iou
     while step < setup.total_steps:
-        epoch = step // setup.iters_per_epoch
+        epoch = step // iters
+        end = (epoch + 1) * iters
         bar = tqdm(
-            total=setup.iters_per_epoch,
-            initial=step % setup.iters_per_epoch,
+            total=iters,
+            initial=step % iters,
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
             file=sys.stderr,
             leave=False,
             disable=None,
         )
-        while step < (epoch + 1) * setup.iters_per_epoch:
-            i = step % setup.iters_per_epoch
-            idx1 = np.arange(i * bs, min((i + 1) * bs, n1))
-            j = 0 if cfg.train.upper_batch == "first" else step % n2_batches
-            idx2 = np.arange(j * bs, min((j + 1) * bs, n2))
+        while step < end:
+            stop = min(end, (step // every + 1) * every) if every else end
             t0 = time.perf_counter()
-            state, metrics = setup.step_fn(
-                state, frozen, setup.d1.batch(idx1), setup.d2.batch(idx2)
-            )
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - t0
-            guarded = {k: v for k, v in metrics.items() if k.endswith("loss")}
-            guarded["hypergradient_norm"] = metrics["hypergradient_norm"]
-            if not all(math.isfinite(v) for v in guarded.values()):
-                bar.close()
-                run.check_finite(guarded, f"step {step}")  # raises, naming what can be resumed
-            step += 1
-            writer.write({"kind": "iteration", "step": step, "epoch": epoch, **metrics,
-                          "step_time_s": elapsed})  # fmt: skip
+            state, stacked = run_iterations(setup, batches, state, step, stop)
+            elapsed = (time.perf_counter() - t0) / (stop - step)
+            for t in range(stop - step):
+                metrics = {k: float(v[t]) for k, v in stacked.items()}
+                guarded = {k: v for k, v in metrics.items() if k.endswith("loss")}
+                guarded["hypergradient_norm"] = metrics["hypergradient_norm"]
+                if not all(math.isfinite(v) for v in guarded.values()):
+                    bar.close()  # the state after this call is never saved
+                    run.check_finite(guarded, f"step {step}")  # raises, naming what can resume
+                step += 1
+                writer.write({"kind": "iteration", "step": step, "epoch": epoch, **metrics,
+                              "step_time_s": elapsed})  # fmt: skip
             bar.set_postfix(loss=f"{metrics['lower_loss']:.4f}")
-            bar.update(1)
-            every = cfg.train.checkpoint_every
-            if every and step % every == 0 and step % setup.iters_per_epoch:  # epoch ends below
+            bar.update(len(stacked["lower_loss"]))
+            if step < end:  # a `checkpoint_every` boundary inside the epoch
                 run.save("latest", state, {**meta, "step": step, "epoch": epoch})
-            if step % setup.iters_per_epoch:  # at an epoch end: after its evaluation, below
                 run.stop_if_requested(state, {**meta, "step": step, "epoch": epoch}, f"step {step}")
         # End of epoch: D2 Dice, best (strictly greater), latest.
-        result = evaluate_fewshot(
-            setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data()
-        )
+        result = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, setup.frozen, d2_eval)
         dice = result["dice"]
         bar.set_postfix(loss=f"{metrics['lower_loss']:.4f}", d2_dice=f"{dice:.2f}")
         bar.close()
@@ -334,7 +420,8 @@ def _finish(setup: Setup, run: Run, writer, state: dict, step: int, best: float,
     plot_curves(writer.records(), workdir / "plots" / "curves.png")
     preds = evaluate_predictions(setup, state)
     write_samples(setup.d2, preds, workdir / "samples", cfg.train.num_samples)
-    final = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, frozen, setup.d2.eval_data())
+    d2 = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the summary uses the Dice only
+    final = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, frozen, d2)
     summary = {
         "workdir": str(workdir),
         "weights": setup.weights,
@@ -343,6 +430,7 @@ def _finish(setup: Setup, run: Run, writer, state: dict, step: int, best: float,
         "best_d2_dice": best,
         "final_d2_dice": float(final["dice"]),
     }
+    run.wait_for_saves()  # `final` (written while the above ran) is on disk before the summary
     run.write_summary(summary)
     return summary
 

@@ -7,7 +7,10 @@
 
 Every trainer drives its loop through a `Run`: it restores `latest`, replays deterministically
 from there, saves `latest` at most every `checkpoint_every_s` seconds, stops with a one-line
-`TrainError` on a non-finite loss, and finishes with `final` and the summary.
+`TrainError` on a non-finite loss, and finishes with `final` and the summary. With
+`background_saves`, a save copies the state to the host and writes it in a worker thread, one save
+at a time and in order, while training goes on; `wait_for_saves` (called before a stop, a NaN
+report and the summary) makes every save requested so far complete.
 """
 
 import contextlib
@@ -19,10 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from amsam_jax.training.state import restore_state, save_state, saved_step
+from amsam_jax.training.state import host_copy, restore_state, save_state, saved_step
 from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import atomic_write, write_json
 
@@ -108,15 +112,26 @@ class Run:
         workdir: the directory (created).
         config: the resolved config as a JSON-able dict.
         checkpoint_every_s: minimum seconds between two `latest` saves (0: every call).
+        background_saves: write checkpoints in a worker thread (see the module docstring);
+            False [default] writes them before `save` returns.
 
     Raises:
         TrainError: the workdir holds a run with a different (or unreadable) config, or cannot be
             written.
     """
 
-    def __init__(self, workdir: str | os.PathLike, config: dict, checkpoint_every_s: float = 30.0):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        config: dict,
+        checkpoint_every_s: float = 30.0,
+        background_saves: bool = False,
+    ):
         self.workdir = Path(workdir).absolute()
         self.checkpoint_every_s = checkpoint_every_s
+        self._background = background_saves
+        self._saver: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
         self._last_save = time.perf_counter()
         self._stop: str | None = None  # the signal that asked the run to stop
         if self.workdir.exists() and not self.workdir.is_dir():
@@ -204,6 +219,7 @@ class Run:
         if self._stop is None:
             return
         self.save("latest", state, meta)
+        self.wait_for_saves()
         raise Interrupted(
             None,
             f"{self._stop}: stopped at {where}, saved {self.workdir / 'ckpt' / 'latest'}; run "
@@ -233,10 +249,24 @@ class Run:
     # ------------------------------------------------------------------ saving
 
     def save(self, kind: str, state: dict, meta: dict) -> None:
-        """Writes checkpoint `kind` now (see `training.state.save_state`)."""
-        save_state(self.workdir, kind, state, meta)
+        """Writes checkpoint `kind` (see `training.state.save_state`): now, or with
+        `background_saves` from a host copy taken now, after the saves requested before it."""
+        if self._background:
+            if self._saver is None:
+                self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self._pending = [f for f in self._pending if not f.done() or f.exception()]
+            job = self._saver.submit(save_state, self.workdir, kind, host_copy(state), dict(meta))
+            self._pending.append(job)
+        else:
+            save_state(self.workdir, kind, state, meta)
         if kind == "latest":
             self._last_save = time.perf_counter()
+
+    def wait_for_saves(self) -> None:
+        """Returns when every save requested so far is on disk (re-raises a failed save)."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            job.result()
 
     def save_latest(self, state: dict, meta: dict, force: bool = False) -> bool:
         """Saves `latest` if `checkpoint_every_s` passed since the last save (or `force`).
@@ -253,6 +283,8 @@ class Run:
         return False
 
     def write_summary(self, summary: dict) -> None:
+        """Writes the summary (after every pending save: its presence means the run is done)."""
+        self.wait_for_saves()
         write_json(self.workdir / SUMMARY_FILE, summary)
 
     # ------------------------------------------------------------------ guards
@@ -271,6 +303,7 @@ class Run:
         if not bad:
             return
         shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        self.wait_for_saves()
         step = saved_step(self.workdir, "latest")
         if step is None:
             there = "no checkpoint was saved yet"

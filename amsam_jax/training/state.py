@@ -99,6 +99,12 @@ def clone_state(state):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
+def host_copy(state):
+    """The state as host NumPy copies: a snapshot that later steps (which donate and overwrite
+    the device buffers) cannot change, e.g. for a checkpoint written in the background."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), state)
+
+
 def host_leaves(state: dict, names: tuple[str, ...]) -> list[np.ndarray]:
     """The leaves of `state[name]` for each name, as host arrays (for exact comparisons)."""
     return [np.asarray(x) for x in jax.tree.leaves(tuple(state[n] for n in names))]

@@ -15,12 +15,15 @@ import pytest
 from flax import nnx
 
 from amsam_jax.build_sam import SamConfig, build_sam
+from amsam_jax.evaluation import fewshot as evaluation
 from amsam_jax.evaluation.fewshot import EvalData, evaluate_fewshot, predict_masks
 from amsam_jax.evaluation.metrics import dice_per_class
 from amsam_jax.fewshot.blo import (
     StepConfig,
     TrainingModel,
+    build_step,
     darts_fd_hypergradient,
+    make_epoch,
     make_loss_fn,
     make_step,
     split_trainable,
@@ -186,6 +189,47 @@ def test_checkpoint_round_trip_restores_bitwise_and_next_step(f32, tmp_path):
     assert _tree_equal(_host(metrics_a), _host(metrics_b))
     assert step._cache_size() == compiled  # a resumed run reuses the fresh run's compile
     assert restore_state(tmp_path, "best", f32["initial"]) is None
+
+
+@pytest.mark.parametrize("hypergradient", ["exact", "first_order"])
+def test_epoch_scan_equals_one_jitted_step_per_iteration_bitwise(model, f32, hypergradient):
+    """`make_epoch` (the trainer's path) against `make_step` (its ragged-batch path), also split
+    into two calls of other lengths, as a resumed or `checkpoint_every` run makes them."""
+    lower_lr, upper_lr, b1 = CLEAN
+    cfg = StepConfig(hypergradient=hypergradient)
+    raw, _, _ = build_step(model.graphdef, cfg, lower_lr, upper_lr, b1)
+    step, epoch = jax.jit(raw, donate_argnums=0), make_epoch(raw)
+    b = f32["batches"]
+    data = jax.tree.map(lambda *xs: jnp.stack(xs), *b)  # (6, 1, ...)
+    idx1, idx2 = np.array([0, 2, 4, 0, 2], np.int32), np.array([1, 3, 5, 3, 1], np.int32)
+    state, per_step = _device(f32["initial"]), []
+    for i, j in zip(idx1, idx2, strict=True):
+        state, metrics = step(state, f32["frozen"], b[i], b[j])
+        per_step.append(_host(metrics))
+    whole, stacked = epoch(_device(f32["initial"]), f32["frozen"], data, data, idx1, idx2)
+    split, _ = epoch(_device(f32["initial"]), f32["frozen"], data, data, idx1[:2], idx2[:2])
+    split, _ = epoch(split, f32["frozen"], data, data, idx1[2:], idx2[2:])
+    assert _tree_equal(_host(whole), _host(state)) and _tree_equal(_host(split), _host(state))
+    for t, metrics in enumerate(per_step):
+        assert _tree_equal({k: v[t] for k, v in _host(stacked).items()}, metrics)
+    assert int(whole["step"]) == 5
+
+
+def test_evaluation_is_one_call_per_chunk_and_equals_per_image_calls(model, f32, monkeypatch):
+    rng = np.random.default_rng(6)
+    embedding = rng.standard_normal((5, 16, 16, 32)).astype(np.float32)
+    data = EvalData(embedding, np.zeros((5, 64, 64), np.int64), tuple("abcde"))
+    state = {"lower": _device(model.lower), "prompt": _device(model.prompt)}
+    cfg = StepConfig()
+    whole = predict_masks(model.graphdef, cfg, state, f32["frozen"], data)
+    single = [
+        predict_masks(model.graphdef, cfg, state, f32["frozen"], EvalData(e[None], t[None], (s,)))
+        for e, t, s in zip(data.embedding, data.label_low, data.stems, strict=True)
+    ]
+    monkeypatch.setattr(evaluation, "CHUNK", 2)  # 3 calls of 2 images, the last one padded
+    chunked = predict_masks(model.graphdef, cfg, state, f32["frozen"], data)
+    assert whole.shape == (5, 64, 64) and np.array_equal(whole, np.concatenate(single))
+    assert np.array_equal(chunked, whole)
 
 
 def test_evaluate_fewshot_is_the_mean_of_per_image_scores(model, f32):

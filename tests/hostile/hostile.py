@@ -7,6 +7,8 @@ temporary file was left behind.
 """
 
 import os
+import struct
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -68,3 +70,21 @@ def fails_cleanly(
     left = changes(before, *watch)
     assert not left, f"the failed run left or changed: {left}"
     return last
+
+
+def write_big_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
+    """A valid all-black grayscale PNG of width x height (196 MP by default), ~200 KB, written
+    row by row so that no full image is held in memory (the pixel-limit cases)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path

@@ -13,17 +13,15 @@ import errno
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from hostile import changes, fails_cleanly, snapshot
+from hostile import changes, fails_cleanly, snapshot, write_big_png
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -35,23 +33,6 @@ from amsam_jax.utils.image import MAX_PIXELS_ENV
 ROOT = os.geteuid() == 0  # chmod does not stop root: writes are refused by a patched writer
 SIZE, NC = 64, 2
 ANCHORS = sum((SIZE // s) ** 2 for s in (8, 16, 32))  # 84 candidates for a 64 x 64 input
-
-
-def write_big_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
-    """A valid all-black grayscale PNG of width x height (196 MP by default), ~200 KB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (width + 1)
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 def _constant(name: str, value: np.ndarray):

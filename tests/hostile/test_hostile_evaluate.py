@@ -14,13 +14,11 @@ import errno
 import json
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import fails_cleanly
+from hostile import fails_cleanly, write_big_png
 from PIL import Image
 
 from amsam_jax import evaluate
@@ -32,23 +30,6 @@ from amsam_jax.training.run import Run
 from amsam_jax.training.state import save_state
 from amsam_jax.utils import io
 from amsam_jax.utils.image import MAX_PIXELS_ENV
-
-
-def write_big_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
-    """A valid all-black grayscale PNG of width x height (196 MP by default), ~200 KB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (width + 1)
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 def write_pair(root: Path, split: str, stem: str, size=(24, 32), mask_size=None, seed=0):

@@ -10,16 +10,14 @@ image, a rename that fails half-way) leave neither output. Thin images (20000 x 
 
 import errno
 import os
-import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import fails_cleanly, snapshot
+from hostile import fails_cleanly, snapshot, write_big_png
 from PIL import Image
 
 from amsam_jax import predict
@@ -29,25 +27,6 @@ from amsam_jax.utils.image import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV
 
 BOX = ["--box", "10", "10", "60", "50"]
 ROOT = os.geteuid() == 0  # chmod does not stop root: writes are refused by a patched writer
-
-
-def write_big_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
-    """A valid all-black grayscale PNG of width x height (196 MP by default), ~200 KB, written
-    row by row so that no full image is held in memory."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (width + 1)  # filter byte + pixels
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

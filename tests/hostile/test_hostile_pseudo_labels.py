@@ -12,16 +12,14 @@ layers) are tested on a tiny random SAM.
 import errno
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import changes, fails_cleanly, snapshot
+from hostile import changes, fails_cleanly, snapshot, write_big_png
 from PIL import Image
 
 from amsam_jax import pseudo_labels
@@ -38,23 +36,6 @@ ROOT = os.geteuid() == 0  # chmod does not stop root: writes are refused by a pa
 # Few points, every mask kept: a short run that writes masks and probabilities.
 FAST = ["--points-per-side", "2", "--points-per-batch", "4", "--pred-iou-thresh", "0",
         "--stability-score-thresh", "0"]  # fmt: skip
-
-
-def write_big_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
-    """A valid all-black grayscale PNG of width x height (196 MP by default), ~200 KB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (width + 1)
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,14 @@
 Each case kills the smoke run at one exact moment (tests/faults.py places the SIGKILL at the N-th
 call of a function, so the moment is hit every time, not by the luck of a sleep), then reruns
 the same command and compares the final trainable state, the metrics file and the summary with
-an uninterrupted run's. The moments: inside the embedding cache fill; mid-epoch; right after
-the first `best` save, before any `latest` (with the default 30-s `latest` throttle, so the
+an uninterrupted run's. An epoch is one jitted call (`fewshot.trainer.run_iterations`) and
+checkpoints are written in a background thread, so the moments are: inside the embedding cache
+fill; between two epochs' calls (a `latest` save may still be in flight); amid the metrics records
+of an epoch; mid-epoch between two calls of a `train.checkpoint_every=1` run; right after the
+first `best` save is written, before any `latest` (with the default 30-s `latest` throttle, so the
 rerun starts from scratch over an existing `best`); inside an Orbax save, after its files are
 written and before the rename; before `final`; after `final` and before the summary; and a
-Ctrl-C, which must stop with one line, exit 130, and leave a resumable run.
+Ctrl-C, which must stop at the epoch's end with one line, exit 130, and leave a resumable run.
 """
 
 import json
@@ -29,6 +32,8 @@ SMOKE = str(ROOT / "train" / "configs" / "am_sam.py") + ":smoke"
 FAULTS = str(ROOT / "tests" / "faults.py")
 ORBAX_FINALIZE = "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize"
 METRICS_WRITE = "amsam_jax.training.run:JsonlWriter.write"
+EPOCH_CALL = "amsam_jax.fewshot.trainer:run_iterations"
+SAVE_WRITTEN = "amsam_jax.training.run:save_state"  # what the background thread runs
 EVERY_SAVE = ("train.checkpoint_every_s=0",)
 STEPS = 12  # 6 epochs of the 2 D1 shots
 
@@ -84,8 +89,10 @@ def assert_resumes_to_reference(workdir: Path, sets: tuple[str, ...], env, refer
 MOMENTS = {
     # name: (faults.py spec, extra --set values)
     "embedding_cache_fill": ("amsam_jax.training.embedder:Embedder.encode:1:after", ()),
-    "mid_epoch": (f"{METRICS_WRITE}:4:after", EVERY_SAVE),
-    "after_first_best_before_latest": ("amsam_jax.training.run:Run.save:1:after:best", ()),
+    "between_epochs": (f"{EPOCH_CALL}:3:before", EVERY_SAVE),
+    "amid_an_epochs_records": (f"{METRICS_WRITE}:4:after", EVERY_SAVE),
+    "mid_epoch": (f"{EPOCH_CALL}:4:before", ("train.checkpoint_every=1", *EVERY_SAVE)),
+    "after_first_best_before_latest": (f"{SAVE_WRITTEN}:1:after:best", ()),
     "inside_an_orbax_save": (f"{ORBAX_FINALIZE}:3:before", EVERY_SAVE),
     "before_final": ("amsam_jax.training.run:Run.save:1:before:final", ()),
     "after_final_before_summary": ("amsam_jax.training.run:Run.write_summary:1:before", ()),
@@ -119,10 +126,11 @@ def test_ctrl_c_stops_with_one_line_and_resumes_bitwise(tmp_path, env, reference
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: SIGINT: stopped at step 3") and "run the same command" in last
-    assert str(workdir / "ckpt" / "latest") in last
+    # The signal came amid epoch 2's records: the run stops at that epoch's end.
+    assert last.startswith("error: SIGINT: stopped at step 4 (end of epoch 2)"), last
+    assert "run the same command" in last and str(workdir / "ckpt" / "latest") in last
     resumed = assert_resumes_to_reference(workdir, sets, env, reference)
-    assert "resume: from step 3" in resumed.stderr
+    assert "resume: from step 4" in resumed.stderr
 
 
 def test_rerun_of_a_finished_run_says_complete_and_changes_nothing(tmp_path, env, reference):

@@ -1,0 +1,84 @@
+"""The few-shot training loop: one compile of the epoch function and of the evaluation for a whole
+run, the records it writes, and the per-iteration path of runs whose batches are ragged."""
+
+import dataclasses
+import json
+
+import jax
+import pytest
+
+from amsam_jax.evaluation import fewshot as evaluation
+from amsam_jax.fewshot import trainer
+from amsam_jax.fewshot.recipes import am_sam
+
+ITERATION_KEYS = {
+    "kind", "step", "epoch", "lower_loss", "upper_loss", "lower_lr", "upper_lr",
+    "hypergradient_norm", "lower_grad_norm", "step_time_s",
+}  # fmt: skip
+
+
+def smoke(epochs: int, **train) -> trainer.FewShotConfig:
+    cfg = am_sam("smoke")
+    sets = {"epochs": epochs, "checkpoint_every_s": 0, "num_samples": 0, **train}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **sets))
+
+
+@pytest.fixture
+def counted(monkeypatch) -> dict:
+    """The run's epoch and step functions and a fresh evaluation jit, kept for their caches."""
+    seen = {}
+    build_step = trainer.build_step
+
+    def recording_build_step(*args, **kwargs):
+        step, lower_tx, upper_tx = build_step(*args, **kwargs)
+        seen["raw"] = step
+        return step, lower_tx, upper_tx
+
+    make_epoch = trainer.make_epoch
+
+    def recording_make_epoch(step):
+        seen["epoch"] = make_epoch(step)
+        return seen["epoch"]
+
+    monkeypatch.setattr(trainer, "build_step", recording_build_step)
+    monkeypatch.setattr(trainer, "make_epoch", recording_make_epoch)
+    seen["predict"] = jax.jit(evaluation._predict.__wrapped__, static_argnums=(0, 1))
+    monkeypatch.setattr(evaluation, "_predict", seen["predict"])
+    return seen
+
+
+def records(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_epochs_compile_the_epoch_and_the_evaluation_once(tmp_path, counted):
+    summary = trainer.train(smoke(3), tmp_path / "run")
+    assert summary["steps"] == 6  # 4 shots -> D1 of 2, batch 1: 2 iterations per epoch
+    assert counted["epoch"]._cache_size() == 1  # 3 epochs, one compile
+    assert counted["predict"]._cache_size() == 1  # 3 epoch-end evaluations + the final ones
+    rows = records(tmp_path / "run")
+    iterations = [r for r in rows if r["kind"] == "iteration"]
+    assert [r["step"] for r in iterations] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in iterations] == [0, 0, 1, 1, 2, 2]
+    assert all(set(r) == ITERATION_KEYS for r in iterations)
+    assert iterations[0]["step_time_s"] == iterations[1]["step_time_s"] > 0  # the call's mean
+    assert [r["step"] for r in rows if r["kind"] == "epoch"] == [2, 4, 6]
+
+
+def test_checkpoint_every_splits_the_epoch_and_saves_mid_epoch(tmp_path, counted):
+    workdir = tmp_path / "run"
+    trainer.train(smoke(2, checkpoint_every=1, checkpoint_every_s=1000), workdir)
+    assert counted["epoch"]._cache_size() == 1  # calls of one iteration each
+    latest = workdir / "ckpt" / "latest"
+    assert [p.name for p in latest.iterdir()] == ["4"]  # the last of the saves at 1, 2, 3, 4
+
+
+def test_ragged_batches_take_one_jitted_step_per_iteration(tmp_path, counted):
+    """6 shots -> D1 and D2 of 3 at batch 2: the second batch of each split is short."""
+    cfg = smoke(2, batch_size=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shots=6))
+    summary = trainer.train(cfg, tmp_path / "run")
+    assert summary["steps"] == 4 and counted["epoch"]._cache_size() == 0
+    iterations = [r for r in records(tmp_path / "run") if r["kind"] == "iteration"]
+    assert [r["step"] for r in iterations] == [1, 2, 3, 4]
+    assert all(set(r) == ITERATION_KEYS for r in iterations)
