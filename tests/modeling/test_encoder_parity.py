@@ -137,20 +137,46 @@ def test_decomposed_rel_pos_attention_equals_explicit_index_formula(hw):
     assert np.abs(encode(attn, x)[0] - want).max() > 1e-2
 
 
-def test_query_chunked_global_attention_equals_one_shot(monkeypatch):
-    h = w = 20  # 400 queries: large enough to be processed in chunks of grid rows
-    assert image_encoder.rows_per_chunk(h, w) < h
-    attn = randomize(Attention(16, 2, (h, w), rngs=nnx.Rngs(0)), seed=8)
-    x = jnp.asarray(np.random.default_rng(9).standard_normal((1, h, w, 16)), jnp.float32)
-    chunked = encode(attn, x)
-    monkeypatch.setattr(image_encoder, "QUERY_CHUNK", h * w)
-    assert image_encoder.rows_per_chunk(h, w) == h
-    np.testing.assert_allclose(chunked, encode(attn, x), rtol=1e-5, atol=1e-5)
+# 6x6 grid, 2 heads, batch 2: 4 (image, head) pairs. One row of queries has 4 * 6 * 36 bytes of
+# float32 logits, one grid 6 times that.
+STEP_ROW_BYTES = 4 * 6 * 36
 
 
-def test_padded_window_tokens_take_part_in_attention_unmasked():
+@pytest.mark.parametrize(
+    "budget, steps",
+    [
+        (None, (4, 6)),  # one step: every pair, every row
+        (2 * 6 * STEP_ROW_BYTES, (2, 6)),  # two steps of two whole grids
+        (2 * STEP_ROW_BYTES, (1, 2)),  # one pair and two rows at a time: 12 steps
+    ],
+)
+def test_attention_in_steps_equals_explicit_index_formula(monkeypatch, budget, steps):
+    if budget is not None:
+        monkeypatch.setattr(image_encoder, "LOGITS_BYTES", budget)
+    assert image_encoder.attention_steps(4, 6, 6) == steps
+    attn = randomize(Attention(8, 2, (6, 6), rngs=nnx.Rngs(0)), seed=8)
+    x = np.random.default_rng(9).standard_normal((2, 6, 6, 8)).astype(np.float32)
+    got = encode(attn, x)
+    for i in range(2):  # the (image, head) pairs of both images are kept apart
+        np.testing.assert_allclose(got[i], reference_attention(attn, x[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_steps_at_vit_b_sizes():
+    # 1024 px: global blocks one head and 4 of 64 rows at a time (4 MiB of logits); windows 25 of
+    # the 25 x 12 (window, head) pairs; 256 px: all in one step, windows in two.
+    assert image_encoder.attention_steps(12, 64, 64) == (1, 4)
+    assert image_encoder.attention_steps(25 * 12, 14, 14) == (25, 14)
+    assert image_encoder.attention_steps(12, 16, 16) == (12, 16)
+    assert image_encoder.attention_steps(4 * 12, 14, 14) == (24, 14)
+
+
+@pytest.mark.parametrize("grids_per_step", [None, 3])
+def test_padded_window_tokens_take_part_in_attention_unmasked(monkeypatch, grids_per_step):
     # 10x10 grid, window 7: padded to 14x14, so three of the four windows contain padding.
     h, w, window, dim = 10, 10, 7, 16
+    if grids_per_step is not None:  # 4 windows x 2 heads, 2 (window, head) pairs per step
+        monkeypatch.setattr(image_encoder, "LOGITS_BYTES", grids_per_step * 4 * 49 * 49)
+        assert image_encoder.attention_steps(8, 7, 7) == (2, 7)
     block = randomize(Block(dim, 2, 2.0, window, (h, w), rngs=nnx.Rngs(0)), seed=3)
     x = np.random.default_rng(4).standard_normal((1, h, w, dim)).astype(np.float32)
     got = encode(block, x)[0]
