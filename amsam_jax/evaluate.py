@@ -28,6 +28,7 @@ from amsam_jax.evaluation.workdir import evaluate_workdir
 from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.data import labelled_specs
+from amsam_jax.training import mesh
 from amsam_jax.training.run import read_run_config
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.image import max_image_pixels
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output", help="result JSON (default: WORKDIR or . /eval_<protocol>_<split>.json)"
     )
     inter.add_argument("--plot", help="metric-vs-clicks PNG (default: next to the JSON)")
+    mesh.add_mesh_flag(parser)  # the embedder's batch over local devices (docs/scale.md)
     return parser.parse_args(argv)
 
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         check_flags(args)
+        mesh.limit_devices(args.mesh_data)
         run = {"interactive": run_interactive, "box": run_box}.get(args.protocol, run_fewshot)
         summary = run(args)
         print(json.dumps(summary, indent=2))

@@ -3,11 +3,12 @@
     python -m amsam_jax.pseudo_labels --images DIR --out DIR (--sam CONVERTED_DIR | --random-tiny)
         [--points-per-side 32] [--points-per-batch 64] [--pred-iou-thresh 0.88] [...]
 
-Resumable: an image whose `<stem>.json` exists is skipped. An unreadable image prints one line
-naming it, writes nothing for it, and makes the exit status 1 (the other images are labelled).
-Settings, folders and the SAM are checked before the first image; a run that fails (a full disk,
-Ctrl-C) keeps the images it finished and leaves no half-written one, and a folder it created
-and wrote nothing into is removed.
+Resumable: an image whose `<stem>.json` exists is skipped. Several processes (docs/scale.md)
+share the missing images; a rerun on any number of processes labels only what is missing. An
+unreadable image prints one line naming it, writes nothing for it, and makes the exit status 1
+(the other images are labelled). Settings, folders and the SAM are checked before the first
+image; a run that fails (a full disk, Ctrl-C) keeps the images it finished and leaves no
+half-written one, and a folder it created and wrote nothing into is removed.
 """
 
 import argparse
@@ -21,7 +22,8 @@ from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.data.sa1b import prob_path
 from amsam_jax.pretrained import PRETRAINED
 from amsam_jax.pretrained import load as load_pretrained
-from amsam_jax.sum.pseudo_labels import label_folder
+from amsam_jax.sum.pseudo_labels import label_folder, pending_images
+from amsam_jax.training import mesh
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.image import list_images, max_image_pixels
@@ -71,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
     parser.add_argument("--min-mask-region-area", type=int, default=0)
     parser.add_argument("--no-probabilities", action="store_true", help="skip the .prob.npz")
+    mesh.add_mesh_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -93,12 +96,17 @@ def _missing_folders(out: Path) -> list[Path]:
     return [p for p in (*reversed(out.absolute().parents), out.absolute()) if not p.exists()]
 
 
-def _remove_unfinished(out: Path, before: set[str], created: list[Path]) -> None:
+def _remove_unfinished(
+    out: Path, before: set[str], created: list[Path], mine: set[str] | None = None
+) -> None:
     """Removes what a failed run left that no resume would use: probability sidecars written
-    for an image whose JSON (written last) is missing, and the folders it created, if empty."""
+    for an image whose JSON (written last) is missing, and the folders it created, if empty.
+    `mine`: the stems this process labels (several processes: never another's files)."""
     if out.is_dir():
         for path in out.glob("*.prob.npz"):
             json_path = path.with_name(path.name.removesuffix(".prob.npz") + ".json")
+            if mine is not None and json_path.stem not in mine:
+                continue
             if path.name not in before and prob_path(json_path) == path and not json_path.exists():
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -110,6 +118,7 @@ def _remove_unfinished(out: Path, before: set[str], created: list[Path]) -> None
 def run(args: argparse.Namespace) -> list[str]:
     """Checks everything cheap, loads the SAM, labels the folder; returns per-image errors."""
     settings = generator_settings(args)
+    mesh.limit_devices(args.mesh_data)
     max_image_pixels()  # an invalid AMSAM_MAX_IMAGE_PIXELS is named once, not once per image
     list_images(args.images)  # a missing or empty folder: one line, exit 2
     out = check_output_folder(args.out)
@@ -122,31 +131,36 @@ def run(args: argparse.Namespace) -> list[str]:
         model = build_sam(SamConfig.tiny())
     else:
         model = load_pretrained(args.sam)
-    created = _missing_folders(out)
+    created = _missing_folders(out) if mesh.process_count() == 1 else []
     before = set(os.listdir(out)) if out.is_dir() else set()
+    mine = None
+    if mesh.process_count() > 1:  # the share `label_folder` gives this process
+        mine = {p.stem for p in mesh.process_shard(pending_images(args.images, out))}
     points_per_side = settings.pop("points_per_side")
     try:
         errors = label_folder(
             model, args.images, out, points_per_side, not args.no_probabilities, **settings
         )
     except BaseException:  # AmsamError (a full disk, ...) or Ctrl-C: clean up, then report
-        _remove_unfinished(out, before, created)
+        _remove_unfinished(out, before, created, mine)
         raise
     if errors:
-        _remove_unfinished(out, before, created)
+        _remove_unfinished(out, before, created, mine)
     return errors
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    hint = "images already labelled are kept; run it again to label the rest"
 
     def body() -> int:
+        mesh.initialize()
         errors = run(args)
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         return 1 if errors else 0
 
-    return guarded(body, "images already labelled are kept; run it again to label the rest")
+    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
 
 
 if __name__ == "__main__":

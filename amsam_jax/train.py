@@ -3,6 +3,9 @@
 With no arguments it runs the embedded default, the `am_sam` recipe on the bundled synthetic
 few-shot dataset. Re-running the same command on the same workdir resumes from `latest`.
 The config's type picks the trainer: `FewShotConfig` (AM-SAM, BLO-SAM, SAMed) or `SumConfig`.
+Several processes join from the environment (`training.mesh.initialize`, docs/scale.md); when one
+of them dies the others stop with one line within the heartbeat timeout, and the same command
+resumes from the last checkpoint on any number of processes.
 """
 
 import argparse
@@ -15,6 +18,7 @@ from amsam_jax.fewshot.recipes import embedded_default
 from amsam_jax.fewshot.trainer import train
 from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.trainer import train_sum
+from amsam_jax.training import mesh
 from amsam_jax.training.config import apply_overrides, load_config
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.runtime import enable_compilation_cache
@@ -36,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
+    hint = "run the same command again to resume from the last checkpoint"
 
     def body() -> int:
+        mesh.initialize()
         base = (
             load_config(args.config, (FewShotConfig, SumConfig))
             if args.config
@@ -46,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(base, args.set)
         workdir = Path(args.workdir or f"runs/{cfg.name}")
         summary = train_sum(cfg, workdir) if isinstance(cfg, SumConfig) else train(cfg, workdir)
-        print(json.dumps(summary, indent=2))
+        if mesh.is_main_process():
+            print(json.dumps(summary, indent=2))
         return 0
 
-    return guarded(body, "run the same command again to resume from the last checkpoint")
+    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
 
 
 if __name__ == "__main__":

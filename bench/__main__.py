@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "sum": ("bench.sum", "SUM interactive step; AMG vs official PyTorch AMG"),
     "amg": ("bench.amg", "automatic mask generator only: JAX vs official PyTorch"),
     "export": ("bench.export", "exported ONNX encoder and decoder on ONNX Runtime vs JAX"),
+    "scale": ("bench.scale", "SUM step and encoder on 1, 2 and 4 simulated devices"),
 }
 
 

@@ -5,6 +5,8 @@ python -m amsam_jax.boxes --detector yolov8n.onnx --data data/tiktok --output bo
 An existing `--output` is resumed (entries of unchanged images are kept). Flags, data folder,
 output and detector are checked before the first image; a run stopped by an error or Ctrl-C
 keeps the images it finished in `--output`, and one that finished none writes nothing.
+Several processes (docs/scale.md) share the images through part files that process 0 merges;
+the detector runs on ONNX Runtime, so there is no device mesh here, only the process split.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import sys
 
 from amsam_jax.boxes.box_file import FALLBACKS, SPLITS, compute_box_file, list_split_images
 from amsam_jax.boxes.detector import POLICIES, BoxError, YoloDetector
+from amsam_jax.training import mesh
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.image import max_image_pixels
 from amsam_jax.utils.io import check_output_file
@@ -56,7 +59,10 @@ def check_settings(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
+    hint = "images already done are kept in the box file; run it again to resume"
+
     def body() -> int:
+        mesh.initialize()
         check_settings(args)
         paths = list_split_images(args.data, args.split)
         detector = YoloDetector(args.detector, imgsz=args.imgsz, batch_size=args.batch_size)
@@ -70,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             policy=args.policy,
             fallback=args.fallback,
             progress=not args.no_progress,
+            shard=(mesh.process_index(), mesh.process_count()),
+            sync=mesh.sync,
         )
+        if not mesh.is_main_process():
+            return 0
         entries = [data["boxes"][p.stem] for p in paths]
         fallbacks = sum(e["fallback"] for e in entries)
         print(
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    return guarded(body, "images already done are kept in the box file; run it again to resume")
+    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ A JSON file keyed by image stem (docs/fewshot.md §6.1). `compute_box_file` reus
 detector settings and image SHA-256 match, and rewrites the file atomically as it goes, so a
 killed run resumes where it stopped. A run that fails before it finished any image writes
 nothing: no empty or partial box file is ever left in place of a missing one.
+
+Several processes (docs/scale.md §3) split the images: process i of n labels every n-th image
+into its own part file `<output>.part-<i>-of-<n>`, seeded with every entry an earlier run of any
+process count left, and process 0 merges the parts into `output` at the end. No two processes
+write one file, and a rerun on another number of processes reuses every finished entry.
 """
 
 import contextlib
@@ -51,6 +56,43 @@ FALLBACKS = ("full_image", "none")
 SPLITS = ("train", "test")
 # Settings that must match for a box file entry to be reused.
 SETTING_KEYS = ("sha256", "imgsz", "conf", "iou", "classes", "policy", "fallback", "max_det")
+
+
+def part_files(output: Path) -> list[Path]:
+    """The part files of `output` that runs on several processes left, in name order."""
+    return sorted(output.parent.glob(f"{output.name}.part-*-of-*"))
+
+
+def _compute_sharded(detector, image_paths, output: Path, shard, sync, settings) -> dict:
+    """`compute_box_file` on process `shard[0]` of `shard[1]` (see the module docstring)."""
+    index, count = shard
+    check_output_file(output)
+    seed: dict[str, Any] | None = None  # every finished entry of earlier runs
+    for path in [output, *part_files(output)]:
+        if path.is_file():
+            old = load_box_file(path)
+            seed = seed or {"detector": old["detector"], "boxes": {}}
+            seed["boxes"].update(old["boxes"])
+    sync("boxes-read")  # nobody rewrites a part before every process read them all
+    mine = [Path(p) for p in image_paths][index::count]
+    part = output.with_name(f"{output.name}.part-{index}-of-{count}")
+    if seed is not None:
+        stems = {p.stem for p in mine}
+        boxes = {k: v for k, v in seed["boxes"].items() if k in stems}
+        write_box_file({"detector": seed["detector"], "boxes": boxes}, part)
+    data = compute_box_file(detector, mine, part, **settings)
+    sync("boxes-written")
+    if index == 0:
+        merged = {"detector": data["detector"], "boxes": dict(seed["boxes"]) if seed else {}}
+        for i in range(count):
+            merged["boxes"].update(load_box_file(part.with_name(
+                f"{output.name}.part-{i}-of-{count}"))["boxes"])  # fmt: skip
+        write_box_file(merged, output)
+        for path in part_files(output):
+            path.unlink()
+        data = merged
+    sync("boxes-merged")
+    return data
 
 
 def list_split_images(data_dir: str | os.PathLike, split: str = "all") -> list[Path]:
@@ -239,6 +281,8 @@ def compute_box_file(
     max_det: int = MAX_DET,
     progress: bool = False,
     save_every: float = 30.0,
+    shard: tuple[int, int] = (0, 1),
+    sync: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Computes (or completes) the box file of a set of images.
 
@@ -260,14 +304,25 @@ def compute_box_file(
         max_det: kept boxes per image at most.
         progress: show a progress bar on stderr.
         save_every: seconds between intermediate saves.
+        shard: (this process's index, process count); with a count above 1 every process
+            calls this with the same arguments (see the module docstring).
+        sync: sync(name) returns once every process called it (`training.mesh.sync`);
+            required with several processes.
 
     Returns:
-        The box file: {"detector": {...}, "boxes": {stem: entry}}.
+        The box file: {"detector": {...}, "boxes": {stem: entry}} (with several processes,
+        process 0's is the merged file, the others' their own share).
 
     Raises:
         BoxError: a bad detector, image or existing box file, or a detector that fails.
         WriteError: `output` cannot be written (checked before the detector is loaded).
     """
+    settings = dict(conf=conf, iou=iou, classes=classes, policy=policy, fallback=fallback,
+                    max_det=max_det, progress=progress, save_every=save_every)  # fmt: skip
+    if shard[1] > 1 and output is not None:
+        if sync is None:
+            raise ValueError("compute_box_file with several processes needs `sync`")
+        return _compute_sharded(detector, image_paths, Path(output), shard, sync, settings)
     if output is not None:
         check_output_file(output)
         remove_stale_temporaries(output)  # of a killed run; the box file has one writer

@@ -10,7 +10,9 @@ from typing import Any
 
 from amsam_jax.boxes.box_file import FALLBACKS
 from amsam_jax.training.config import (
+    MESH_RULES,
     SAM_RULES,
+    MeshSection,
     SamSection,
     at_least,
     between,
@@ -105,9 +107,12 @@ class FewShotConfig:
     train: TrainSection = TrainSection()
     boxes: BoxesConfig = BoxesConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    mesh: MeshSection = MeshSection()  # devices of the step (docs/scale.md); not in config.json
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("mesh")  # how the run is executed, not what it computes: resumable on any mesh
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -128,6 +133,7 @@ class FewShotConfig:
 
 RULES = [
     *SAM_RULES,
+    *MESH_RULES,
     rule("data.shots", at_least(2)),  # D1 = the first N // 2 shots, D2 the rest
     rule("data.test_split", (bool, "a split folder name")),
     rule("lora.rank", at_least(1)),

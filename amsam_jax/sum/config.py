@@ -9,7 +9,9 @@ from typing import Any
 
 from amsam_jax.sum.loss import SumLossConfig
 from amsam_jax.training.config import (
+    MESH_RULES,
     SAM_RULES,
+    MeshSection,
     SamSection,
     at_least,
     between,
@@ -105,9 +107,12 @@ class SumConfig:
     loss: SumLossConfig = SumLossConfig()  # docs/sum.md §6 / §11 (use_uncertainty: the loss's U)
     train: SumTrain = SumTrain()
     refine: SumRefine = SumRefine()
+    mesh: MeshSection = MeshSection()  # devices of the step (docs/scale.md); not in config.json
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "sum", **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        d.pop("mesh")  # how the run is executed, not what it computes: resumable on any mesh
+        return {"kind": "sum", **d}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -128,6 +133,7 @@ class SumConfig:
 
 RULES = [
     *SAM_RULES,
+    *MESH_RULES,
     rule("data.uncertainty", one_of("maps", "refiner", "zeros")),
     rule("data.min_ratio", at_least(0)),
     rule("data.min_refine_ratio", at_least(0)),

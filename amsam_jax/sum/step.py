@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from amsam_jax.modeling.prompt_encoder import TaskParam
 from amsam_jax.modeling.sam import Sam
@@ -38,6 +39,7 @@ from amsam_jax.sum.sampling import (
     sample_first_point,
 )
 from amsam_jax.sum.uncertainty import uncertainty_map, zero_missing_maps
+from amsam_jax.training.mesh import replicated
 from amsam_jax.training.prompt_decoder import PromptDecoder
 
 
@@ -153,11 +155,19 @@ def _grid(a, cfg: SumStepConfig):
     ]
 
 
-def make_sum_step(graphdef: nnx.GraphDef, cfg: SumStepConfig, params_tx, task_tx):
-    """(jitted step, ) with step(state, frozen, batch, key, first_is_box) -> (state, metrics).
+def make_sum_step(
+    graphdef: nnx.GraphDef, cfg: SumStepConfig, params_tx, task_tx, mesh: Mesh | None = None
+):
+    """The jitted step(state, frozen, batch, key, first_is_box) -> (state, metrics).
 
     state = {"params", "task", "params_opt", "task_opt", "step"}; `first_is_box` is static
     (two compiled variants per batch shape).
+
+    With a `mesh` (docs/scale.md §2), the step expects the batch's per-mask arrays split over its
+    data axis and everything else replicated (`training.mesh.shard_batch` with
+    `replicate_keys=("embedding",)`, `training.mesh.replicate`), and returns the new state and the
+    metrics replicated: `jit` turns the loss's sums over masks into per-device partial sums and
+    one all-reduce, so the gradient is the global batch's.
     """
 
     def pass_fn(params, task_state, frozen, batch, y, u_loss, prompt, multimask):
@@ -263,7 +273,9 @@ def make_sum_step(graphdef: nnx.GraphDef, cfg: SumStepConfig, params_tx, task_tx
         }
         return new_state, metrics
 
-    return jax.jit(step, static_argnums=(4,), donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, static_argnums=(4,), donate_argnums=(0,))
+    return jax.jit(step, static_argnums=(4,), donate_argnums=(0,), out_shardings=replicated(mesh))
 
 
 def _iou(pred, y, hw):

@@ -6,6 +6,10 @@ decoder on human labels plus uncertainty-weighted pseudo-labels.
 The run machinery (config guard, resume, metrics, checkpoints, NaN stop) is `training.run`. The
 data order, the prompts and the rounds derive from (seed, iteration) only, so a killed run resumed
 from `latest` continues exactly as if it had not stopped.
+
+On several devices or processes (docs/scale.md) the step runs over the `mesh.data` mesh: every
+process builds the same global batch, its masks are split over the devices, the state is
+replicated. Process 0 alone writes the metrics, the export, the plots and the evaluation.
 """
 
 import dataclasses
@@ -39,6 +43,7 @@ from amsam_jax.sum.data import (
 from amsam_jax.sum.pseudo_labels import label_folder
 from amsam_jax.sum.refiner import ensure_refined_maps
 from amsam_jax.sum.step import SumStepConfig, make_optimizers, make_sum_step, split_sum_model
+from amsam_jax.training import mesh as meshlib
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from amsam_jax.training.run import JsonlWriter, Run, TrainError, log
@@ -95,6 +100,7 @@ class SumSetup:
     pseudo_shapes: Shapes
     total_updates: int
     notes: dict
+    mesh: Any = None  # the step's device mesh (`training.mesh.make_mesh`); None: one device
 
 
 def pseudo_folder(cfg: SumConfig, workdir: Path, sam, say) -> tuple[Path, Path]:
@@ -137,6 +143,9 @@ def build_sum_setup(cfg: SumConfig, workdir: Path, quiet: bool = False) -> SumSe
             "train.mix_mode", f"must be 'alternate' or 'joint', got {cfg.train.mix_mode!r}"
         )
     scfg = step_config(cfg)
+    mesh = meshlib.make_mesh(cfg.mesh.data)
+    check_batch_divides(cfg, mesh)
+    mesh = mesh if mesh.devices.size > 1 else None  # one device: the plain single-device step
     sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
     say(f"sam: {weights}")
     size = sam_cfg.image_size
@@ -170,7 +179,7 @@ def build_sum_setup(cfg: SumConfig, workdir: Path, quiet: bool = False) -> SumSe
     total_updates = cfg.train.steps * updates_per_it
     params_tx, task_tx = make_optimizers(cfg.train, total_updates)
     trainable = split_sum_model(sam)
-    step_fn = make_sum_step(trainable.graphdef, scfg, params_tx, task_tx)
+    step_fn = make_sum_step(trainable.graphdef, scfg, params_tx, task_tx, mesh)
     initial = {
         "params": trainable.params,
         "task": trainable.task,
@@ -186,8 +195,26 @@ def build_sum_setup(cfg: SumConfig, workdir: Path, quiet: bool = False) -> SumSe
     )
     return SumSetup(
         cfg, sam, sam_cfg, weights, trainable, scfg, step_fn, initial, labelled, pseudo,
-        embedder, human, pseudo_shapes, total_updates, {},
+        embedder, human, pseudo_shapes, total_updates, {}, mesh,
     )  # fmt: skip
+
+
+def check_batch_divides(cfg: SumConfig, mesh) -> None:
+    """The masks of each step kind must split evenly over the mesh's devices (docs/scale.md §1).
+
+    Raises:
+        MeshError: naming the settings whose product does not divide.
+    """
+    t = cfg.train
+    human_masks = t.human_images * t.human_masks_per_image
+    human = ("train.human_images x train.human_masks_per_image", human_masks)
+    pseudo = ("train.pseudo_images x data.max_num_mask", t.pseudo_images * cfg.data.max_num_mask)
+    if t.mix_mode == "alternate":
+        kinds = [human, pseudo]
+    else:
+        kinds = [(f"{human[0]} + {pseudo[0]}", human[1] + pseudo[1])]
+    for what, masks in kinds:
+        meshlib.check_divides(f"{what} (masks per step)", masks, mesh)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -255,19 +282,42 @@ def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | 
     if restored is not None:
         state, meta = restored
         log(f"resume: from iteration {meta['step']} in {workdir}")
-    writer = writer or run.metrics(meta["step"] if restored is not None else None)
+    main = meshlib.is_main_process()
+    if writer is None:
+        resumed = meta["step"] if restored is not None else None
+        writer = run.metrics(resumed) if main else MemoryWriter()
     total = cfg.train.steps
     it = int(meta["step"])
     summary = run.summary()
     if it >= total and summary is not None:
         log(f"resume: the run in {workdir} is already complete ({it} iterations)")
         return summary
+    if setup.mesh is not None:
+        state = meshlib.replicate(state, setup.mesh)
     with run.interruptible():
         state, it = _sum_loop(setup, run, writer, state, it)
     run.save("final", state, {"step": it})
+    state = meshlib.to_host(state)  # the rest runs on process 0 alone
+    if not main:  # process 0 exports, evaluates and writes the summary
+        meshlib.sync("sum-finished")
+        return run.summary() or {"workdir": str(workdir)}
     summary = finish(setup, state, workdir, writer)
     run.write_summary(summary)
+    meshlib.sync("sum-finished")
     return summary
+
+
+class MemoryWriter:
+    """The metrics writer of processes other than 0: records kept in memory, no file."""
+
+    def __init__(self):
+        self._records: list[dict] = []
+
+    def write(self, record) -> None:
+        self._records.append(dict(record))
+
+    def records(self) -> list[dict]:
+        return list(self._records)
 
 
 def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: int):
@@ -277,6 +327,11 @@ def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: i
     base_key = jax.random.key(cfg.seed)
     bar = tqdm(total=total, initial=it, desc="sum", file=sys.stderr, leave=False, disable=None)
     p_point = cfg.train.p_first_is_point
+    mesh = setup.mesh
+    frozen = setup.trainable.frozen
+    if mesh is not None:
+        frozen = meshlib.replicate(frozen, mesh)
+    last_save = time.perf_counter()
     while it < total:
         rng = np.random.default_rng([cfg.seed, 3, it])
         t0 = time.perf_counter()
@@ -290,9 +345,9 @@ def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: i
             kinds = [("joint", joint_batch(hb, pb), 0)]
         for name, batch, k in kinds:
             box = _first_is_box(cfg.seed, it, k, p_point)
-            state, metrics = setup.step_fn(
-                state, setup.trainable.frozen, batch, jax.random.fold_in(key, k), box
-            )
+            if mesh is not None:
+                batch = meshlib.shard_batch(batch, mesh, replicate_keys=("embedding",))
+            state, metrics = setup.step_fn(state, frozen, batch, jax.random.fold_in(key, k), box)
             metrics = {f"{name}_{m}": float(v) for m, v in jax.device_get(metrics).items()}
             metrics[f"{name}_first_prompt"] = "box" if box else "point"
             record.update(metrics)
@@ -313,7 +368,14 @@ def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: i
         bar.update(1)
         every = cfg.train.checkpoint_every
         if it < total:
-            run.save_latest(state, {"step": it}, force=bool(every and it % every == 0))
+            force = bool(every and it % every == 0)
+            if meshlib.process_count() == 1:
+                run.save_latest(state, {"step": it}, force=force)
+            elif meshlib.agree(force or time.perf_counter() - last_save >= run.checkpoint_every_s):
+                # One decision for every process: each one's clock would pick other iterations,
+                # and a checkpoint is written by all of them together.
+                run.save("latest", state, {"step": it})
+                last_save = time.perf_counter()
             run.stop_if_requested(state, {"step": it}, f"iteration {it}")
     bar.close()
     run.save("latest", state, {"step": it})

@@ -42,6 +42,14 @@ class SamSection:
     download_timeout_s: float = 10.0
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """The device mesh a run's steps use (docs/scale.md): how a run is executed, not what it
+    computes, so it is left out of `config.json` and a run resumes on any device count."""
+
+    data: int = 0  # devices on the data axis; 0: every device of every process
+
+
 # ----------------------------------------------------------------------------- validation
 
 # A rule: (dotted path, predicate on the value, what the value must be). Predicates see values of
@@ -153,6 +161,7 @@ SAM_RULES: list[Rule] = [
     rule("sam.encoder_dtype", one_of("float32", "bfloat16")),
     rule("sam.download_timeout_s", positive()),
 ]
+MESH_RULES: list[Rule] = [rule("mesh.data", at_least(0))]
 
 
 def from_dict(cls, d: dict[str, Any]):

@@ -3,6 +3,11 @@
 The encoder is frozen in every method here, so each distinct preprocessed image is encoded once
 per weights and preprocessing: `EmbeddingCache` keeps the embeddings on disk, keyed by content,
 and `Embedder` is the one jitted encoder that fills it.
+
+On several devices and processes (docs/scale.md §3) the missing entries are split over the
+processes by their content hash (each entry has one owner, whatever was cached before), each
+process encodes its share in batches of one image per local device and writes one file per
+entry, and every process then reads the others' entries from the shared cache folder.
 """
 
 import dataclasses
@@ -20,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from amsam_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, read_sam_config
+from amsam_jax.training.mesh import data_sharding, local_mesh, replicated, sync
 from amsam_jax.utils.io import atomic_write, sha256_bytes
 
 META_FILE = "meta.json"
@@ -116,6 +122,9 @@ class EmbeddingCache:
         Returns:
             (N, h, w, C) float32.
 
+        In a multi-process run every process calls it with the same images: each encodes the
+        missing entries it owns (`owner`), then all wait for each other and read the rest.
+
         Raises:
             ValueError: no images, or `encode_fn` returned a wrong batch size, inconsistent
                 shapes or non-finite values (nothing of that batch is cached).
@@ -137,8 +146,10 @@ class EmbeddingCache:
             else:
                 found[h] = entry
         self.stats.hits += len(found)
-        self.stats.misses += len(todo)
-        pending = list(todo.items())
+        count = jax.process_count()
+        others = {h: i for h, i in todo.items() if owner(h, count) != jax.process_index()}
+        pending = [(h, i) for h, i in todo.items() if h not in others]
+        self.stats.misses += len(pending)
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             idx = [i for _, i in chunk]
@@ -161,6 +172,14 @@ class EmbeddingCache:
             for (h, _), embedding in zip(chunk, out, strict=False):
                 found[h] = embedding
                 atomic_write(folder / f"{h}.npy", lambda f, e=embedding: np.save(f, e))
+        if count > 1:
+            sync("embedding-cache")  # every owner wrote its entries
+            meta = meta or self._read_meta(folder, weights_key, preprocessing_key)
+            for h in others:
+                entry = self._load(folder / f"{h}.npy", meta)
+                if entry is None:
+                    raise ValueError(f"{folder / h}.npy: not written by its owner process")
+                found[h] = entry
         return np.stack([found[h] for h in hashes])
 
     def _read_meta(self, folder: Path, weights_key: str, preprocessing_key: str) -> dict | None:
@@ -215,6 +234,11 @@ class EmbeddingCache:
         return None
 
 
+def owner(image_hash: str, process_count: int) -> int:
+    """The process that encodes and writes the entry `image_hash` in a multi-process run."""
+    return int(image_hash[:8], 16) % process_count
+
+
 @partial(jax.jit, static_argnums=0)
 def _encode(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(images)
@@ -229,6 +253,8 @@ class Embedder:
             cache (every `embed` call encodes).
         cache: the cache (default: `EmbeddingCache()` at `default_cache_dir()`).
         memory: how many embeddings `embed_one` keeps in memory by name.
+        devices: local devices a batch of images is split over, one image each (0: all of this
+            process's devices; the `--mesh-data` of the precompute commands).
     """
 
     def __init__(
@@ -237,22 +263,39 @@ class Embedder:
         weights_key: str | None,
         cache: EmbeddingCache | None = None,
         memory: int = 256,
+        devices: int = 0,
     ):
         self._graphdef, self._state = nnx.split(image_encoder)
         self.weights_key = weights_key
         self.cache = cache if cache is not None else EmbeddingCache()
         self._memory: dict[str, np.ndarray] = {}
         self._memory_size = memory
+        self._mesh = local_mesh(devices)
+        self.batch_size = self._mesh.devices.size
+        self._sharded_state = None
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) model inputs -> (B, G, G, C) embeddings, without the cache."""
-        return np.asarray(_encode(self._graphdef, self._state, jnp.asarray(images)))
+        """(B, S, S, 3) model inputs -> (B, G, G, C) embeddings, without the cache.
+
+        With several local devices B must be a multiple of `batch_size`: the batch is split
+        over them, one image per device.
+        """
+        if self.batch_size == 1:
+            return np.asarray(_encode(self._graphdef, self._state, jnp.asarray(images)))
+        if self._sharded_state is None:
+            self._sharded_state = jax.device_put(self._state, replicated(self._mesh))
+        x = jax.device_put(np.asarray(images), data_sharding(self._mesh, 4))
+        return np.asarray(_encode(self._graphdef, self._sharded_state, x))
 
     def embed(self, images: np.ndarray, preprocessing_key: str) -> np.ndarray:
         """(N, S, S, 3) preprocessed images -> (N, G, G, C) embeddings through the cache."""
         if self.weights_key is None:
-            return np.concatenate([self.encode(images[i : i + 1]) for i in range(len(images))])
-        return self.cache.get_or_compute(images, self.encode, self.weights_key, preprocessing_key)
+            n, b = len(images), self.batch_size
+            padded = np.concatenate([images, np.repeat(images[-1:], -n % b, axis=0)])
+            return np.concatenate([self.encode(padded[i : i + b]) for i in range(0, n, b)])[:n]
+        return self.cache.get_or_compute(
+            images, self.encode, self.weights_key, preprocessing_key, batch_size=self.batch_size
+        )
 
     def embed_one(
         self, name: str, make_input: Callable[[], np.ndarray], preprocessing_key: str
