@@ -44,6 +44,7 @@ from amsam_jax.fewshot.preprocessing import (
     select_few_shot,
     split_d1_d2,
 )
+from amsam_jax.training import mesh as meshlib
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from amsam_jax.training.run import JsonlWriter, Run, TrainError, log, read_run_config
@@ -238,6 +239,23 @@ def detect_into(cfg: FewShotConfig, paths: list[Path], out: Path) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
+def check_single_device(cfg: FewShotConfig) -> None:
+    """The few-shot trainer runs in one process on one device (docs/scale.md §2): refuse a
+    multi-process launch or `mesh.data > 1` instead of training N copies into one workdir."""
+    if meshlib.process_count() > 1:
+        raise TrainError(
+            "JAX_NUM_PROCESSES",
+            f"few-shot training runs in one process, this launch has {meshlib.process_count()} "
+            "(the SUM trainer and the precompute commands run on several)",
+        )
+    if cfg.mesh.data > 1:
+        raise TrainError(
+            "mesh.data",
+            f"few-shot training runs on one device, got mesh.data={cfg.mesh.data} "
+            "(its batches are a few images; set mesh.data=1 or leave it at 0)",
+        )
+
+
 def train(
     cfg: FewShotConfig, workdir: str | os.PathLike, writer: JsonlWriter | None = None
 ) -> dict:
@@ -247,6 +265,7 @@ def train(
         summary: best D2 Dice, steps, weights description, paths.
     """
     cfg.validate()
+    check_single_device(cfg)
     run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s, background_saves=True)
     workdir = run.workdir
     with run.setting_up():
