@@ -42,7 +42,12 @@ def counted(monkeypatch) -> dict:
 
     monkeypatch.setattr(trainer, "build_step", recording_build_step)
     monkeypatch.setattr(trainer, "make_epoch", recording_make_epoch)
-    seen["predict"] = jax.jit(evaluation._predict.__wrapped__, static_argnums=(0, 1))
+    predict = evaluation._predict.__wrapped__
+
+    def fresh_predict(*args):  # a new function object: jit caches are per function, and other
+        return predict(*args)  # tests compile `_predict` for other shapes in this process
+
+    seen["predict"] = jax.jit(fresh_predict, static_argnums=(0, 1))
     monkeypatch.setattr(evaluation, "_predict", seen["predict"])
     return seen
 
