@@ -27,7 +27,6 @@ import json
 import os
 import types
 import warnings
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from amsam_jax.fewshot.trainer import CHECKPOINT_KINDS
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.io import atomic_directory, check_output_folder, write_json
 from weights_conversion.export_sam import EXTRA_SUFFIX, ExportError, export_sam, load_source
+from weights_conversion.official_arch import prompt_side, vit_encoder
 
 EXTRA = "export"  # the pyproject.toml extra with torch, segment-anything and onnx
 STATE_DICT = "sam.pth"
@@ -164,45 +164,14 @@ def official_sam(ns: types.SimpleNamespace, cfg: SamConfig, sd: dict):
         the model in eval mode.
     """
     torch, m = ns.torch, ns.modeling
-    grid = cfg.grid_size
     if cfg.encoder == "vit":
-        encoder = m.ImageEncoderViT(
-            depth=cfg.encoder_depth,
-            embed_dim=cfg.encoder_embed_dim,
-            img_size=cfg.image_size,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        )
+        encoder = vit_encoder(cfg, m.ImageEncoderViT, torch.nn.LayerNorm)
     else:
         encoder = _stand_in_encoder(torch.nn, cfg.image_size)
         sd = {k: v for k, v in sd.items() if not k.startswith("image_encoder.")}
     sam = m.Sam(
         image_encoder=encoder,
-        prompt_encoder=m.PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=m.MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=m.TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
+        **prompt_side(cfg, m.PromptEncoder, m.MaskDecoder, m.TwoWayTransformer),
         pixel_mean=list(cfg.pixel_mean),
         pixel_std=list(cfg.pixel_std),
     )

@@ -44,7 +44,6 @@ import types
 import warnings
 import zipfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -64,6 +63,7 @@ from segment_anything.predictor import SamPredictor
 from amsam_jax.build_sam import SamConfig
 from amsam_jax.pretrained import PRETRAINED
 from amsam_jax.utils.io import sha256_file
+from weights_conversion.official_arch import prompt_side, vit_encoder
 
 SEED = 0
 DEFAULT_OUT = Path("tests/golden")
@@ -112,48 +112,10 @@ FIXTURES = {
 }
 
 
-def prompt_side(cfg: SamConfig, prompt_encoder: type, mask_decoder: type, transformer: type):
-    """`prompt_encoder=` and `mask_decoder=` for `cfg`, from segment_anything-style classes."""
-    grid = cfg.grid_size
-    return {
-        "prompt_encoder": prompt_encoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        "mask_decoder": mask_decoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=transformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-    }
-
-
 def build_official(cfg: SamConfig) -> Sam:
     """segment_anything's Sam for `cfg` (the constructor arguments of its build_sam.py)."""
     return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg.encoder_depth,
-            embed_dim=cfg.encoder_embed_dim,
-            img_size=cfg.image_size,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        ),
+        image_encoder=vit_encoder(cfg, ImageEncoderViT, torch.nn.LayerNorm),
         **prompt_side(cfg, PromptEncoder, MaskDecoder, TwoWayTransformer),
         pixel_mean=list(cfg.pixel_mean),
         pixel_std=list(cfg.pixel_std),
