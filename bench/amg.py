@@ -136,7 +136,7 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     from amsam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
     from amsam_jax.build_sam import SamConfig, abstract_sam
-    from weights_conversion.convert_sam import convert_state_dict
+    from amsam_jax.conversion.convert_sam import convert_state_dict
 
     cfg = SamConfig.preset(args.model)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from flax import nnx
 from segment_anything.modeling.common import LayerNorm2d
 
 from amsam_jax.build_sam import SamConfig, abstract_sam
-from weights_conversion.convert_sam import convert_state_dict
+from amsam_jax.conversion.convert_sam import convert_state_dict
 from weights_conversion.make_golden import build_official
 
 

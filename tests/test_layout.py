@@ -11,15 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("amsam_jax", "weights_conversion")
-# The one place the library calls the converter: a checkpoint fetched by name is converted on
-# first use (pretrained.py). Every other function-level import is of an optional
-# third-party dependency (ONNX Runtime, tensorflow-datasets, torch, Ultralytics).
-ALLOWED_LAZY = {("amsam_jax.pretrained", "weights_conversion.convert_sam")}
+# Every function-level import is of an optional third-party dependency (ONNX Runtime,
+# tensorflow-datasets, torch, Ultralytics): none of a project module.
 OPTIONAL_DEPENDENCIES = {
     "onnxruntime": {"amsam_jax.boxes.detector"},
     "tensorflow_datasets": {"amsam_jax.data.tfds", "amsam_jax.data.tfds.base"},
     "torch": {
-        "weights_conversion.convert_sam",
         "weights_conversion.blo_sam_lora",
         "weights_conversion.make_golden",
         "weights_conversion.export_onnx",
@@ -36,6 +33,7 @@ LAYERS = (
         "amsam_jax.modeling",
         "amsam_jax.build_sam",
         "amsam_jax.checkpoint",
+        "amsam_jax.conversion",
         "amsam_jax.predictor",
         "amsam_jax.automatic_mask_generator",
         "amsam_jax.pretrained",
@@ -177,7 +175,7 @@ def test_every_import_goes_to_the_same_or_a_lower_layer():
         f"{m} (layer {layer_of(m)}) -> {t} (layer {layer_of(t)})"
         for m, targets in _graph().items()
         for t in targets
-        if layer_of(t) > layer_of(m) and (m, t) not in ALLOWED_LAZY
+        if layer_of(t) > layer_of(m)
     ]
     assert upward == []
 
@@ -195,17 +193,17 @@ def test_weights_conversion_is_above_amsam_jax():
         for t in targets
         if m.startswith("amsam_jax") and t.startswith("weights_conversion")
     ]
-    assert set(upward) == ALLOWED_LAZY
+    assert upward == []
 
 
-def test_no_function_level_import_of_project_modules_except_the_lazy_conversion():
+def test_no_function_level_import_of_project_modules():
     hidden = {
         (m, _resolve(name))
         for m in MODULES
         for name, top in _imports(m)
         if not top and _resolve(name) is not None
     }
-    assert hidden == ALLOWED_LAZY
+    assert hidden == set()
 
 
 @pytest.mark.parametrize("dependency", sorted(OPTIONAL_DEPENDENCIES))

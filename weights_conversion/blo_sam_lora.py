@@ -18,7 +18,7 @@ flat dict of float32 tensors,
 
 Mapping: our `LoRALinear` stores lora_a = A^T (in, r) and lora_b = B^T (r, out); tables below
 list every index-coded name with its path. Other `mask_decoder.*` keys map through
-`weights_conversion/mapping.py` (the SAM conversion table), inverted per path and checked.
+`amsam_jax/conversion/mapping.py` (the SAM conversion table), inverted per path and checked.
 The reference has no LoRA scale (alpha / r = 1): a run with another scale is refused.
 
 Import writes `workdir/ckpt/<kind>` with `training.state.save_state` (step 0, fresh optimizer
@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from amsam_jax.conversion.convert_sam import ConversionError, load_torch_state_dict
+from amsam_jax.conversion.mapping import Transform, target_of
 from amsam_jax.fewshot.config import FewShotConfig
 from amsam_jax.fewshot.trainer import build_setup
 from amsam_jax.training.run import read_run_config
@@ -48,8 +50,6 @@ from amsam_jax.training.state import restore_state, save_state
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.io import WriteError, atomic_outputs, check_output_file, sha256_file
-from weights_conversion.convert_sam import ConversionError, load_torch_state_dict
-from weights_conversion.mapping import Transform, target_of
 
 Path_ = tuple[str | int, ...]
 DECODER = ("decoder", "mask_decoder")

@@ -9,14 +9,14 @@ python -m weights_conversion sam litemedsam checkpoints/litemedsam   # fetched f
 import argparse
 from pathlib import Path
 
-from amsam_jax.pretrained import PRETRAINED, fetch, is_name
-from amsam_jax.utils.cli import guarded
-from weights_conversion.convert_sam import (
+from amsam_jax.conversion.convert_sam import (
     EMBED_DIM_TO_TYPE,
     TINY_TYPES,
     ConversionError,
     convert_checkpoint,
 )
+from amsam_jax.pretrained import PRETRAINED, fetch, is_name
+from amsam_jax.utils.cli import guarded
 
 
 def main(argv: list[str] | None = None) -> int:

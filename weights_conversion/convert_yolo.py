@@ -10,7 +10,7 @@ imported (unless already set).
 Ultralytics unpickles a `.pt` in full (`torch.load(weights_only=False)`), so a file can run any
 code it names, and it `eval`s a model yaml's `activation`. Before either is handed over, the file
 is checked without running it: the `.pt` is copied into a private temporary folder and its pickle
-dry-run (`weights_conversion.torch_pickle.dry_run`) against `ultralytics_global`, the allow-list
+dry-run (`amsam_jax.conversion.torch_pickle.dry_run`) against `ultralytics_global`, the allow-list
 of what Ultralytics detection checkpoints name (torch and Ultralytics layer classes, tensor
 rebuilds, dtypes, builtin data types); the copy is what Ultralytics loads. A yaml's activation
 must be a literal `nn.<Class>(...)` and its layers torch or Ultralytics modules. `--trust-pickle`
@@ -31,10 +31,7 @@ import tempfile
 from pathlib import Path
 
 from amsam_jax.boxes.detector import BoxError, YoloDetector
-from amsam_jax.utils.cli import guarded
-from amsam_jax.utils.errors import first_line
-from amsam_jax.utils.io import atomic_outputs, check_output_file
-from weights_conversion.torch_pickle import (
+from amsam_jax.conversion.torch_pickle import (
     STORAGE_DTYPES,
     TORCH_DTYPES,
     CheckpointReadError,
@@ -42,6 +39,9 @@ from weights_conversion.torch_pickle import (
     UnpicklingRefused,
     dry_run,
 )
+from amsam_jax.utils.cli import guarded
+from amsam_jax.utils.errors import first_line
+from amsam_jax.utils.io import atomic_outputs, check_output_file
 
 OFFLINE_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False"}
 TRUST_HINT = "pass --trust-pickle only for a file you trust"
@@ -115,7 +115,7 @@ def _is_layer(cls: type | None) -> bool:
 
 
 def ultralytics_global(module: str, name: str) -> str | None:
-    """The allow-list of a YOLO checkpoint's pickle (`weights_conversion.torch_pickle.Allow`).
+    """The allow-list of a YOLO checkpoint's pickle (`amsam_jax.conversion.torch_pickle.Allow`).
 
     Data types and tensor rebuilds may be called; nn.Module classes of torch and Ultralytics (and
     the loss and assigner classes of `HELPER_MODULES`, defined there) may only be rebuilt, as

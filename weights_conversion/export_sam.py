@@ -6,7 +6,7 @@
 
 The source is a few-shot run (the trainable state of `ckpt/<checkpoint>` on the run's SAM, LoRA
 merged into the decoder projections: W + scale * A B), a SUM run (its `sam_finetuned/`) or a
-converted SAM directory. The keys are the official ones: `weights_conversion/mapping.py` read
+converted SAM directory. The keys are the official ones: `amsam_jax/conversion/mapping.py` read
 backwards (`mapping.source_of`), with the inverse transforms. What the official model has no place
 for goes to the side file `OUT.extra.npz` (docs/export.md §2): a few-shot run's learned prompt
 (also in the state dict, as `prompt_encoder.no_mask_embed.weight`, the slot it was trained in),
@@ -27,6 +27,8 @@ from flax import nnx
 
 from amsam_jax.build_sam import SamConfig
 from amsam_jax.checkpoint import CONFIG_FILE, FORMAT, load_sam, read_sam_config
+from amsam_jax.conversion.mapping import TASK_PREFIX, Transform, source_of
+from amsam_jax.conversion.torch_pickle import write_state_dict
 from amsam_jax.fewshot.blo import BoxResidual, TrainingModel, split_trainable
 from amsam_jax.fewshot.config import FewShotConfig
 from amsam_jax.fewshot.lora import LoRALinear, apply_lora, mark_trainable
@@ -40,8 +42,6 @@ from amsam_jax.training.state import restore_state
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.io import atomic_outputs, check_output_file
-from weights_conversion.mapping import TASK_PREFIX, Transform, source_of
-from weights_conversion.torch_pickle import write_state_dict
 
 EXTRA_SUFFIX = ".extra.npz"
 SUM_EXPORT = "sam_finetuned"  # what a finished SUM run writes (`sum.trainer.finish`)

@@ -12,14 +12,14 @@ from sam_reference import build_official, randomize_
 
 from amsam_jax import CheckpointError, SamConfig, load_sam
 from amsam_jax.checkpoint import read_sam_config
-from weights_conversion.convert_sam import (
+from amsam_jax.conversion.convert_sam import (
     ConversionError,
     infer_config,
     plan_conversion,
     sha256_file,
 )
+from amsam_jax.conversion.mapping import HEAD_PREFIXES, Transform, target_of
 from weights_conversion.convert_sam_cli import main
-from weights_conversion.mapping import HEAD_PREFIXES, Transform, target_of
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,8 @@ from smoke_workdir import smoke_workdir
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import abstract_state, load_sam, save_sam
+from amsam_jax.conversion.mapping import source_of, target_of
+from amsam_jax.conversion.torch_pickle import load_state_dict, write_state_dict
 from amsam_jax.fewshot.blo import BoxResidual, StepConfig, TrainingModel, forward
 from amsam_jax.fewshot.lora import LoRALinear, apply_lora
 from amsam_jax.fewshot.trainer import load_run_state
@@ -44,8 +46,6 @@ from weights_conversion.export_sam import (
     official_state_dict,
 )
 from weights_conversion.make_golden import build_litemedsam_like, build_official, synthetic_image
-from weights_conversion.mapping import source_of, target_of
-from weights_conversion.torch_pickle import load_state_dict, write_state_dict
 
 TOLERANCE = 1e-4  # of max|reference| on logits
 # A small random ViT: ViT-B width, one (global) block, 256 px.

@@ -1,7 +1,8 @@
 """The torch-free checkpoint reader: bit-exact against torch.load, refuses code, one-line errors.
 
 Every file is written by `torch.save` (or by hand, opcode by opcode, where torch would not write
-it) and read back both by `weights_conversion.torch_pickle` and by `torch.load(weights_only=True)`.
+it) and read back both by `amsam_jax.conversion.torch_pickle` and by
+`torch.load(weights_only=True)`.
 """
 
 import io
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from weights_conversion.torch_pickle import (
+from amsam_jax.conversion.torch_pickle import (
     CheckpointReadError,
     UnpicklingRefused,
     load_checkpoint,
@@ -562,7 +563,7 @@ def test_objects_without_a_state_dict(tmp_path, obj, needle):
 
 
 def test_import_does_not_import_torch():
-    code = "import sys; import weights_conversion.torch_pickle; assert 'torch' not in sys.modules"
+    code = "import sys; import amsam_jax.conversion.torch_pickle; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
 

@@ -21,9 +21,9 @@ from hostile import fails_cleanly
 
 from amsam_jax.build_sam import SamConfig
 from amsam_jax.checkpoint import CONFIG_FILE, abstract_state, load_sam, read_sam_config
-from weights_conversion import convert_sam
+from amsam_jax.conversion import convert_sam
+from amsam_jax.conversion.mapping import Transform, target_of
 from weights_conversion.__main__ import main
-from weights_conversion.mapping import Transform, target_of
 
 # A LiteMedSAM-shaped TinyViT (1x1 patch embedding, 512 px) small enough to convert in a second,
 # and a one-block ViT-B at 256 px (the ViT path: patch size 16).
@@ -649,8 +649,8 @@ def test_blo_sam_lora_import_of_a_bad_file_fails_cleanly(case, files, tmp_path, 
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 KILL_MOMENTS = {
-    "after_params_before_config": "weights_conversion.convert_sam:save_params:1:after",
-    "before_config": "weights_conversion.convert_sam:write_json:1:before",
+    "after_params_before_config": "amsam_jax.conversion.convert_sam:save_params:1:after",
+    "before_config": "amsam_jax.conversion.convert_sam:write_json:1:before",
     "inside_the_params_save": (
         "orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize:1:before"
     ),

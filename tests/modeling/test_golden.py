@@ -20,9 +20,9 @@ import pytest
 from flax import nnx
 
 from amsam_jax.build_sam import SamConfig, abstract_sam
+from amsam_jax.conversion.convert_sam import convert_state_dict
 from amsam_jax.modeling.sam import Sam
 from amsam_jax.predictor import SamPredictor
-from weights_conversion.convert_sam import convert_state_dict
 
 # Also set by tests/conftest.py; repeated so the tolerance holds however this file is collected.
 jax.config.update("jax_default_matmul_precision", "float32")

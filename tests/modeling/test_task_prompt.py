@@ -11,10 +11,10 @@ from flax import nnx
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import FORMAT, load_sam, save_params
+from amsam_jax.conversion.convert_sam import ConversionError, convert_state_dict
 from amsam_jax.modeling.prompt_encoder import TaskParam, task_id
 from amsam_jax.predictor import SamPredictor
 from tests.sam_reference import official_pair, state_dict_numpy
-from weights_conversion.convert_sam import ConversionError, convert_state_dict
 
 CFG = SamConfig.tiny()
 

@@ -31,13 +31,13 @@ from segment_anything import SamPredictor as OfficialPredictor
 import amsam_jax
 from amsam_jax import SamConfig, SamPredictor
 from amsam_jax.checkpoint import load_sam
+from amsam_jax.conversion.convert_sam import convert_state_dict, infer_config, load_torch_state_dict
+from amsam_jax.conversion.mapping import Transform, target_of
 from amsam_jax.data.synthetic import make_scene
 from amsam_jax.predictor import medsam_input
 from amsam_jax.utils.image import read_image
 from weights_conversion import convert_sam_cli
-from weights_conversion.convert_sam import convert_state_dict, infer_config, load_torch_state_dict
 from weights_conversion.make_golden import LITEMEDSAM, medsam_upstream_predict
-from weights_conversion.mapping import Transform, target_of
 
 pytestmark = pytest.mark.slow
 

@@ -28,6 +28,12 @@ from amsam_jax.checkpoint import (
     save_params,
     torch_default_init,
 )
+from amsam_jax.conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
+from amsam_jax.conversion.torch_pickle import (
+    CheckpointReadError,
+    UnpicklingRefused,
+    load_state_dict,
+)
 from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import (
     WriteError,
@@ -36,8 +42,6 @@ from amsam_jax.utils.io import (
     sha256_file,
     write_json,
 )
-from weights_conversion.mapping import HEAD_PREFIXES, TASK_PREFIX, Transform, target_of
-from weights_conversion.torch_pickle import CheckpointReadError, UnpicklingRefused, load_state_dict
 
 EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 TINY_VIT_KEY = "image_encoder.layers.0.blocks.0.conv1.c.weight"
@@ -62,7 +66,7 @@ class ConversionError(AmsamError):
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.pth` (plain state dict or one nested under a common key) into float32 NumPy.
 
-    No torch is needed and nothing in the file is executed (`weights_conversion.torch_pickle`:
+    No torch is needed and nothing in the file is executed (`amsam_jax.conversion.torch_pickle`:
     a pickle that names anything but tensors and dicts is refused).
 
     Raises:
