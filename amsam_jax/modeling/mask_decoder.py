@@ -78,11 +78,15 @@ class MaskDecoder(nnx.Module):
         image_pe: Float[Array, "g g c"],
         sparse_prompt_embeddings: Float[Array, "b n c"],
         dense_prompt_embeddings: Float[Array, "b g g c"],
+        fold_projections: bool = False,
     ) -> tuple[Float[Array, "b k l l"], Float[Array, "b k"], Float[Array, "b k c8"], jax.Array]:
         """Predicts all `num_mask_tokens` masks.
 
         Image b is paired with prompt row b; a single image embedding (Bi = 1) is shared by every
-        prompt row, which is what the reference's `repeat_interleave` does for one image.
+        prompt row, which is what the reference's `repeat_interleave` does for one image. When
+        the dense embeddings are one row too (1, G, G, C) (no mask prompt, one task), the image
+        side stays one row into the transformer, which projects it once for all prompts.
+        `fold_projections`: see `TwoWayTransformer`.
 
         Returns:
             masks (B, K, 4G, 4G), iou predictions (B, K), hypernetwork outputs H (B, K, C/8) and
@@ -94,12 +98,12 @@ class MaskDecoder(nnx.Module):
         )
         output_tokens = jnp.broadcast_to(output_tokens[None], (b, *output_tokens.shape))
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings], axis=1)  # (B, T, C)
-        src = image_embeddings + dense_prompt_embeddings  # broadcasts Bi = 1 to B
-        src = jnp.broadcast_to(src, (b, *src.shape[1:]))
-        pos_src = jnp.broadcast_to(image_pe[None], src.shape)
+        src = image_embeddings + dense_prompt_embeddings  # (B or 1, G, G, C)
+        if src.shape[0] != 1:
+            src = jnp.broadcast_to(src, (b, *src.shape[1:]))
         _, h, w, c = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe[None], tokens, fold_projections)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
@@ -119,10 +123,15 @@ class MaskDecoder(nnx.Module):
         sparse_prompt_embeddings: Float[Array, "b n c"],
         dense_prompt_embeddings: Float[Array, "b g g c"],
         multimask_output: bool,
+        fold_projections: bool = False,
     ) -> tuple[Float[Array, "b k l l"], Float[Array, "b k"]]:
         """SAM's output selection: masks 1.. when `multimask_output`, else mask 0."""
         masks, iou_pred, _, _ = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            fold_projections,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
