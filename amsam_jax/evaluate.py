@@ -6,8 +6,9 @@
         SUM_RUN) --data DIR[:task] [--split test]
     python -m amsam_jax.evaluate --protocol box --sam litemedsam --data DIR [--boxes FILE]
 
-Few-shot: Dice and IoU (×100, per image and mean, docs/fewshot.md §4.4) with the run's SAM,
-preprocessing and box prompts; writes `W/eval_<split>.json` and overlays `W/eval_<split>/`.
+Few-shot: Dice and IoU (×100, per image and mean, docs/fewshot.md §4.4; also per class for a
+run with several classes, §4.5) with the run's SAM, preprocessing and box prompts; writes
+`W/eval_<split>.json` and overlays `W/eval_<split>/`.
 Interactive (docs/sum.md §8): mIoU and boundary IoU per click count. Box (zero-shot): SAM's
 single mask for each image's box (the mask's tight box, or a box file). The result is printed
 without the per-image rows. Bad inputs print one `error: ...` line and exit with status 2; flags,

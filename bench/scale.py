@@ -1,12 +1,13 @@
-"""Scale-out benchmark: the data-parallel SUM step and the sharded image encoder on 1, 2 and 4
-simulated CPU devices (docs/scale.md §6).
+"""Scale-out benchmark: the data-parallel SUM and few-shot (bi-level, exact hypergradient) steps
+and the sharded image encoder on 1, 2 and 4 simulated CPU devices (docs/scale.md §6).
 
     python -m bench scale [--devices 1 2 4] [--model tiny] [--size 256] [--images 4]
         [--masks 8] [--iterations 5]
 
 Each device count runs in its own subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count
-=N`, on the same global batch (`--images` images x `--masks` masks, split over the devices), and
-reports seconds per step and images per second for the step and for the encoder (one image per
+=N`, on the same global batch (SUM: `--images` images x `--masks` masks, few-shot: `--images` D1 and
+`--images` D2 images, split over the devices), and reports seconds per step and images per second
+for the steps and for the encoder (one image per
 device per call). Simulated devices share this machine's cores: on 2 cores the numbers show the
 overhead of the sharded program (partitioning, the all-reduce), not a speed-up; real speed-ups
 need real devices (GPUs, a TPU slice) or several hosts.
@@ -20,6 +21,60 @@ import sys
 import time
 
 from bench.report import Row, load_snapshot, machine_state, print_report
+
+
+def fewshot_step_s(args, mesh) -> tuple[float, float]:
+    """(median seconds per call, first call's seconds) of the few-shot step on `--images`
+    D1 and D2 images, on `mesh` (None: one device)."""
+    import jax
+    import numpy as np
+
+    from amsam_jax.build_sam import SamConfig, build_sam
+    from amsam_jax.fewshot.blo import StepConfig, TrainingModel, build_step, split_trainable
+    from amsam_jax.fewshot.config import FewShotConfig
+    from amsam_jax.fewshot.lora import apply_lora, mark_trainable
+    from amsam_jax.fewshot.trainer import jit_steps, schedules
+    from amsam_jax.training import mesh as meshlib
+    from amsam_jax.training.prompt_decoder import PromptDecoder
+
+    cfg = SamConfig.preset(args.model, image_size=args.size, num_multimask_outputs=1)
+    sam = build_sam(cfg, seed=0)
+    apply_lora(sam, rank=4, seed=1)
+    mark_trainable(sam)
+    model = split_trainable(TrainingModel(PromptDecoder(sam), None))
+    lower_lr, upper_lr, b1 = schedules(FewShotConfig(), 1000)
+    raw, lower_tx, upper_tx = build_step(model.graphdef, StepConfig(), lower_lr, upper_lr, b1)
+    step = jit_steps(raw, mesh)[0]
+    rng = np.random.default_rng(1)
+    g, low = cfg.grid_size, 4 * cfg.grid_size
+    batches = [
+        {
+            "embedding": rng.standard_normal((args.images, g, g, cfg.prompt_embed_dim)),
+            "label": (rng.random((args.images, low, low)) < 0.3).astype(np.int32),
+            "box": np.tile(np.float32([8, 8, args.size - 8, args.size - 8]), (args.images, 1)),
+        }
+        for _ in range(2)
+    ]
+    batches = [{k: v.astype(np.float32) if k == "embedding" else v for k, v in b.items()}
+               for b in batches]  # fmt: skip
+    state = {"lower": model.lower, "prompt": model.prompt, "step": np.int32(0),
+             "lower_opt": lower_tx.init(model.lower),
+             "prompt_opt": upper_tx.init(model.prompt)}  # fmt: skip
+    frozen = model.frozen
+    if mesh is not None:
+        state, frozen = meshlib.replicate((state, frozen), mesh)
+        batches = meshlib.shard_batch(batches, mesh)
+    t0 = time.perf_counter()
+    state, metrics = step(state, frozen, *batches)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.iterations):
+        t0 = time.perf_counter()
+        state, metrics = step(state, frozen, *batches)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), first
 
 
 def worker(args) -> dict:
@@ -71,6 +126,7 @@ def worker(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
+    fewshot_s, fewshot_first_s = fewshot_step_s(args, mesh if n > 1 else None)
     embedder = Embedder(sam.image_encoder, None)
     images = rng.standard_normal((2 * n, args.size, args.size, 3)).astype(np.float32)
     embedder.embed(images, "bench")  # compile
@@ -83,6 +139,9 @@ def worker(args) -> dict:
         "step_s": step_s,
         "step_images_per_s": args.images / step_s,
         "step_first_call_s": compile_s,
+        "fewshot_step_s": fewshot_s,
+        "fewshot_images_per_s": 2 * args.images / fewshot_s,
+        "fewshot_first_call_s": fewshot_first_s,
         "encode_images_per_s": len(images) / encode_s,
     }
 
@@ -130,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(Row(f"SUM step, {r['devices']} devices", r["step_s"], one["step_s"]))
         rows.append(Row(f"  images/s, {r['devices']} devices", r["step_images_per_s"],
                         unit="img/s"))  # fmt: skip
+        rows.append(Row(f"few-shot step, {r['devices']} devices", r["fewshot_step_s"],
+                        one["fewshot_step_s"]))  # fmt: skip
         rows.append(Row(f"encoder images/s, {r['devices']} devices", r["encode_images_per_s"],
                         unit="img/s"))  # fmt: skip
     print_report(f"scale-out ({args.model} @ {args.size}; reference = 1 device)", rows, before)

@@ -5,6 +5,8 @@ python -m amsam_jax.boxes --detector yolov8n.onnx --data data/tiktok --output bo
 An existing `--output` is resumed (entries of unchanged images are kept). Flags, data folder,
 output and detector are checked before the first image; a run stopped by an error or Ctrl-C
 keeps the images it finished in `--output`, and one that finished none writes nothing.
+With `--policy all` every entry also lists all its boxes, which training reads with
+`--set boxes.max_per_image=M` (docs/fewshot.md §6.4).
 Several processes (docs/scale.md) share the images through part files that process 0 merges;
 the detector runs on ONNX Runtime, so there is no device mesh here, only the process split.
 """
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             f"fallback {args.fallback} ({100 * fallbacks / len(entries):.1f}%); "
             f"detector {detector.name} on {detector.providers[0]}"
         )
+        if args.policy == "all":  # the lists a run reads with boxes.max_per_image > 1
+            most = max(len(e.get("boxes_all", [])) for e in entries)
+            print(f"{args.output}: up to {most} boxes per image; train on them with "
+                  "--set boxes.max_per_image=M (docs/fewshot.md §6.4)")  # fmt: skip
         return 0
 
     return guarded(mesh.stop_on_peer_failure(body, hint), hint)

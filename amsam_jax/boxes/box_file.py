@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from amsam_jax.boxes.detector import (
@@ -185,6 +186,81 @@ def load_box_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _check_box(value: Any, path: str | os.PathLike, where: str) -> list[float]:
+    """`value` as [x0, y0, x1, y1] (four finite numbers, x0 <= x1, y0 <= y1), else a BoxError."""
+    numbers = isinstance(value, list | tuple) and len(value) == 4
+    numbers = numbers and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not numbers or not all(np.isfinite(value)):
+        raise BoxError(path, f"{where} is not [x0, y0, x1, y1] (four finite numbers): {value!r}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if x1 < x0 or y1 < y0:
+        raise BoxError(path, f"{where} has x1 < x0 or y1 < y0: {value!r}")
+    return [x0, y0, x1, y1]
+
+
+def entry_boxes(entry: Any, path: str | os.PathLike, stem: str) -> list[list[float]] | None:
+    """The list of boxes of one box file entry, highest score first (docs/inputs.md §7).
+
+    The list is the entry's `boxes_all` (what `--policy all` writes) or `boxes` (written by
+    hand); each item is [x0, y0, x1, y1] or {"box": [x0, y0, x1, y1], "score": s, ...}. Items
+    are sorted by score, highest first; an item without a score counts as score 1 and equal
+    scores keep the file's order, so a hand-written list is used in its own order.
+
+    Args:
+        entry: `box_file["boxes"][stem]`.
+        path: the box file, for messages.
+        stem: the image, for messages.
+
+    Returns:
+        The boxes in image pixels (possibly empty: nothing was detected), or None when the
+        entry has no list (then its `box` is the image's only box).
+
+    Raises:
+        BoxError: one line naming the file and the image: an entry that is not an object, both
+            keys, a list that is not a list, or an item that is not a box.
+    """
+    if not isinstance(entry, dict):
+        raise BoxError(path, f"image {stem!r}: the entry is not an object: {entry!r}")
+    keys = [k for k in ("boxes_all", "boxes") if k in entry]
+    if not keys:
+        return None
+    if len(keys) == 2:
+        raise BoxError(path, f"image {stem!r}: has both 'boxes_all' and 'boxes'; keep one")
+    key = keys[0]
+    items = entry[key]
+    if not isinstance(items, list):
+        raise BoxError(path, f"image {stem!r}: {key!r} is not a list of boxes: {items!r}")
+    scored = []
+    for i, item in enumerate(items):
+        where = f"image {stem!r}: {key}[{i}]"
+        score = 1.0
+        if isinstance(item, dict):
+            if "box" not in item:
+                raise BoxError(path, f"{where} has no 'box'")
+            score = item.get("score", 1.0)
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                raise BoxError(path, f"{where} has a score that is not a number: {score!r}")
+            item = item["box"]
+        scored.append((-float(score), i, _check_box(item, path, where)))
+    return [box for _, _, box in sorted(scored)]
+
+
+def image_box(entry: Any, path: str | os.PathLike, stem: str) -> list[float] | None:
+    """An entry's single box (`box`): [x0, y0, x1, y1] in image pixels, or None (no box).
+
+    Raises:
+        BoxError: the entry is not an object, has no `box`, or its `box` is not a box or null.
+    """
+    if not isinstance(entry, dict):
+        raise BoxError(path, f"image {stem!r}: the entry is not an object: {entry!r}")
+    if "box" not in entry:
+        listed = "boxes_all" in entry or "boxes" in entry
+        hint = " (its list of boxes is read with boxes.max_per_image > 1)" if listed else ""
+        raise BoxError(path, f"image {stem!r}: no 'box'{hint}")
+    box = entry["box"]
+    return None if box is None else _check_box(box, path, f"image {stem!r}: box")
+
+
 def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
     """Writes atomically (temporary file + `os.replace`): a killed run leaves the old file.
 
@@ -196,13 +272,17 @@ def write_box_file(data: dict[str, Any], path: str | os.PathLike) -> None:
         outputs.file(path, json.dumps(data, indent=1) + "\n")
 
 
-def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict[str, Any]:
+def box_file_from_masks(
+    data_dir: str | os.PathLike, split: str = "all", components: bool = False
+) -> dict[str, Any]:
     """A box file whose boxes are the ground-truth masks' bounding boxes (an oracle detector).
 
     For a data folder without a detector that knows its objects (the bundled synthetic set), or
     for an upper bound: each image's box is the tight box of its mask's foreground (x1, y1
-    exclusive, as a detector's), `boxes_all` one box per distinct non-zero mask value. An image
-    whose mask is empty gets the full-image fallback.
+    exclusive, as a detector's), `boxes_all` one box per distinct non-zero mask value, or with
+    `components` one per 8-connected component of each value (one box per object, for
+    `boxes.max_per_image` > 1), largest first. An image whose mask is empty gets the full-image
+    fallback.
 
     A mask stored at a lower resolution (same aspect ratio, `data.folder.same_aspect`) is resized
     to its image first, so the boxes are in image pixels.
@@ -227,9 +307,15 @@ def box_file_from_masks(data_dir: str | os.PathLike, split: str = "all") -> dict
             values = resize_nearest(values, (h, w))  # boxes in image pixels, as a detector's
             found = []
             for v in np.unique(values[values != 0]):
-                ys, xs = np.nonzero(values == v)
-                found.append([float(xs.min()), float(ys.min()), float(xs.max() + 1),
-                              float(ys.max() + 1)])  # fmt: skip
+                regions = [values == v]
+                if components:
+                    labels, count = ndimage.label(regions[0], np.ones((3, 3), bool))
+                    regions = sorted((labels == i for i in range(1, count + 1)),
+                                     key=lambda r: -int(r.sum()))  # fmt: skip
+                for region in regions:
+                    ys, xs = np.nonzero(region)
+                    found.append([float(xs.min()), float(ys.min()), float(xs.max() + 1),
+                                  float(ys.max() + 1)])  # fmt: skip
             if found:
                 b = np.asarray(found)
                 box = [b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]

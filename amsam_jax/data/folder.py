@@ -202,6 +202,41 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return read_mask_file(path) > 0
 
 
+def read_label(path: str | os.PathLike, num_classes: int = 1) -> np.ndarray:
+    """Reads a mask file as the label of a `num_classes`-class task (docs/fewshot.md §4.5).
+
+    `num_classes` 1 is `read_mask` (value > 0 is foreground). With more, the stored values are
+    the class ids 0..num_classes (0 = background): a palette PNG's indices or a single-channel
+    8/16-bit PNG's values (of a multi-channel file the first channel, as `read_mask_file`);
+    colours are never mapped to classes.
+
+    Returns:
+        (H, W) bool for one class, else (H, W) integer class ids.
+
+    Raises:
+        DataError: as `read_mask_file`; with more than one class, a floating-point mask, or a
+            value outside 0..num_classes (one line naming the file, the value and the setting;
+            a 0/255 binary mask and VOC's 255 "ignore" border are such values).
+    """
+    if num_classes == 1:
+        return read_mask(path)
+    values = read_mask_file(path)
+    if values.dtype.kind == "f":
+        raise DataError(
+            path, f"a floating-point mask cannot hold class ids (data.num_classes={num_classes})"
+        )
+    low, top = int(values.min()), int(values.max())
+    if low < 0 or top > num_classes:
+        bad = low if low < 0 else top
+        hint = " (a 0/255 binary mask needs data.num_classes=1)" if bad == 255 else ""
+        raise DataError(
+            path,
+            f"label value {bad} outside 0..{num_classes} (data.num_classes={num_classes}; "
+            f"values are class ids, 0 background){hint}",
+        )
+    return values
+
+
 def read_mask_file(path: str | os.PathLike) -> np.ndarray:
     """A mask file's values (H, W) (first channel if several; palette indices), EXIF-rotated.
 
@@ -263,8 +298,10 @@ def check_mask_size(sample: Sample, mask_size: tuple[int, int], image_size: tupl
         )
 
 
-def load_sample(sample: Sample, resize_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a sample's image and mask.
+def load_sample(
+    sample: Sample, resize_mask: bool = True, num_classes: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a sample's image and mask (`read_label` of `num_classes`).
 
     A mask of another size than its image but the same aspect ratio (`same_aspect`) is
     accepted: with `resize_mask` it is resized to the image's (H, W) by `resize_nearest`, so
@@ -273,16 +310,18 @@ def load_sample(sample: Sample, resize_mask: bool = True) -> tuple[np.ndarray, n
     few-shot preprocessing zooms it straight to the model frame).
 
     Returns:
-        (H, W, 3) uint8 RGB image and (H, W) bool mask ((h, w) without `resize_mask`).
+        (H, W, 3) uint8 RGB image and (H, W) bool mask ((h, w) without `resize_mask`); for
+        `num_classes` > 1 the mask holds the class ids.
 
     Raises:
-        DataError: a file is missing or corrupt, or the mask has another aspect ratio.
+        DataError: a file is missing or corrupt, the mask has another aspect ratio, or (several
+            classes) a label value above `num_classes`.
     """
     try:
         image = read_image(sample.image_path)
     except ImageReadError as e:
         raise DataError(e.path, e.problem) from None
-    mask = read_mask(sample.mask_path)
+    mask = read_label(sample.mask_path, num_classes)
     check_mask_size(sample, mask.shape, image.shape[:2])
     if resize_mask:
         mask = resize_nearest(mask, image.shape[:2])

@@ -19,17 +19,19 @@ CHUNK = 64
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _predict(graphdef, cfg: StepConfig, lower, prompt, frozen, embeddings, boxes):
-    """Logits (N, n, L, L) and argmax (N, L, L) of N images, one batch-1 forward each."""
+def _predict(graphdef, cfg: StepConfig, lower, prompt, frozen, embeddings, boxes, box_valid=None):
+    """Logits (N, n, L, L) and argmax (N, L, L) of N images, one batch-1 forward each (with
+    (N, M, 4) boxes and (N, M) `box_valid`, the image's M boxes merged, docs/fewshot.md §6.4)."""
     model = nnx.merge(graphdef, lower, prompt, frozen)
 
     def one(image):
-        embedding, box = image
+        embedding, box, valid = image
         box = None if box is None else box[None]
-        logits = forward(model.decoder, embedding[None], box, cfg, model.box_residual)
+        valid = None if valid is None else valid[None]
+        logits = forward(model.decoder, embedding[None], box, cfg, model.box_residual, valid)
         return logits[0], jnp.argmax(logits[0], axis=0)  # first maximum: ties -> background
 
-    return jax.lax.map(one, (embeddings, boxes))
+    return jax.lax.map(one, (embeddings, boxes, box_valid))
 
 
 def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData"):
@@ -42,9 +44,10 @@ def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData
     for start in range(0, n, size):
         rows = np.arange(start, start + size) % n  # the last chunk padded with the first images
         boxes = None if data.boxes is None else jnp.asarray(data.boxes[rows])
+        valid = None if data.box_valid is None else jnp.asarray(data.box_valid[rows])
         logits, pred = _predict(
             graphdef, cfg, state["lower"], state["prompt"], frozen,
-            jnp.asarray(data.embedding[rows]), boxes,
+            jnp.asarray(data.embedding[rows]), boxes, valid,
         )  # fmt: skip
         num_classes = logits.shape[1]
         preds.append(np.asarray(pred)[: n - start])
@@ -58,8 +61,9 @@ class EvalData:
     embedding: np.ndarray  # (N, G, G, C)
     label_low: np.ndarray  # (N, L, L) int
     stems: tuple[str, ...]
-    boxes: np.ndarray | None = None  # (N, 4) model frame
+    boxes: np.ndarray | None = None  # (N, 4) model frame; (N, M, 4) with box_valid
     masks: tuple[np.ndarray, ...] | None = None  # original-resolution bool masks
+    box_valid: np.ndarray | None = None  # (N, M) bool: real boxes (docs/fewshot.md §6.4)
 
 
 def evaluate_fewshot(graphdef, cfg: StepConfig, state: dict, frozen, data: EvalData) -> dict:
@@ -73,18 +77,26 @@ def evaluate_fewshot(graphdef, cfg: StepConfig, state: dict, frozen, data: EvalD
         data: embeddings and labels.
 
     Returns:
-        {"dice", "iou", "dice_original" (if masks), "per_image": [{stem, dice, iou, ...}]}.
+        {"dice", "iou", "dice_original" (if masks), "per_image": [{stem, dice, iou, ...}]}; with
+        K > 1 foreground classes also "dice_per_class" and "iou_per_class" (K values, class 1
+        first: the mean over images of each class's score, so "dice" is their mean;
+        docs/fewshot.md §4.5), and the same two lists in each per-image row.
     """
     preds, num_classes = _predictions(graphdef, cfg, state, frozen, data)
     per_image = []
     for i, stem in enumerate(data.stems):
         pred = preds[i]
         target = data.label_low[i]
+        dice_c = dice_per_class(pred, target, num_classes)
+        iou_c = iou_per_class(pred, target, num_classes)
         row = {
             "stem": stem,
-            "dice": 100.0 * float(dice_per_class(pred, target, num_classes).mean()),
-            "iou": 100.0 * float(iou_per_class(pred, target, num_classes).mean()),
+            "dice": 100.0 * float(dice_c.mean()),
+            "iou": 100.0 * float(iou_c.mean()),
         }
+        if num_classes > 2:
+            row["dice_per_class"] = [100.0 * float(v) for v in dice_c]
+            row["iou_per_class"] = [100.0 * float(v) for v in iou_c]
         if data.masks is not None:
             mask = data.masks[i]
             full = upsample_nearest(pred, mask.shape)
@@ -98,6 +110,9 @@ def evaluate_fewshot(graphdef, cfg: StepConfig, state: dict, frozen, data: EvalD
     }
     if data.masks is not None:
         result["dice_original"] = float(np.mean([r["dice_original"] for r in per_image]))
+    if num_classes > 2:
+        for key in ("dice_per_class", "iou_per_class"):
+            result[key] = [float(v) for v in np.mean([r[key] for r in per_image], axis=0)]
     result["per_image"] = per_image
     return result
 

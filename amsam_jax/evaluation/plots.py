@@ -19,6 +19,12 @@ from amsam_jax.utils.errors import first_line
 from amsam_jax.utils.io import WriteError, atomic_write, ensure_folder
 
 MASK_COLORS = ((30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60))
+# Multi-class overlays: class j >= 1 is tinted CLASS_COLORS[(j - 1) % 8], in the ground truth and
+# the prediction alike (binary runs keep green ground truth and red prediction).
+CLASS_COLORS = (
+    (220, 20, 60), (50, 205, 50), (30, 144, 255), (255, 215, 0),
+    (255, 0, 255), (0, 206, 209), (255, 140, 0), (148, 103, 189),
+)  # fmt: skip
 COMMON_IMAGE_SUFFIXES = ".png, .jpg, .tif, .bmp, .webp"
 
 
@@ -153,24 +159,39 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 64)) -> np.ndar
     return out.round().astype(np.uint8)
 
 
+def overlay_classes(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 image with each class j >= 1 of the integer map `labels` tinted CLASS_COLORS[j - 1]
+    (cycled past 8 classes); background pixels are `overlay`'s untinted image."""
+    out = overlay(image, np.zeros(labels.shape, bool))
+    for j in np.unique(labels[labels > 0]):
+        inside = labels == j
+        out[inside] = overlay(image, inside, CLASS_COLORS[(int(j) - 1) % len(CLASS_COLORS)])[inside]
+    return out
+
+
 def write_samples(split, preds: np.ndarray, out_dir: Path, count: int) -> list[Path]:
     """samples/<stem>.png: image | ground truth | prediction, at the model input resolution.
+
+    A binary split (`split.num_classes` 1) tints the ground truth green and the prediction red;
+    a multi-class one tints each class in its own colour (`CLASS_COLORS`) in both panels.
 
     Raises:
         WriteError: a panel cannot be written (each is written atomically).
     """
     ensure_folder(out_dir)
     paths = []
+    multiclass = split.num_classes > 1
     for i, stem in enumerate(split.stems[:count]):
         image = split.image[i]
         size = image.shape[0]
         scale = size // preds.shape[-1]
-        pred = np.kron(preds[i], np.ones((scale, scale), preds.dtype)) > 0
-        gt = np.kron(split.label_low[i], np.ones((scale, scale), split.label_low.dtype)) > 0
-        panel = np.concatenate(
-            [overlay(image, np.zeros_like(gt)), overlay(image, gt, (64, 255, 64)),
-             overlay(image, pred)], axis=1
-        )  # fmt: skip
+        pred = np.kron(preds[i], np.ones((scale, scale), preds.dtype))
+        gt = np.kron(split.label_low[i], np.ones((scale, scale), split.label_low.dtype))
+        if multiclass:
+            panels = [overlay_classes(image, gt), overlay_classes(image, pred)]
+        else:
+            panels = [overlay(image, gt > 0, (64, 255, 64)), overlay(image, pred > 0)]
+        panel = np.concatenate([overlay(image, np.zeros(gt.shape, bool)), *panels], axis=1)
         path = out_dir / f"{stem}.png"
         atomic_write(path, encode_image(Image.fromarray(panel), path))
         paths.append(path)

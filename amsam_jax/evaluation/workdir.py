@@ -15,7 +15,7 @@ from amsam_jax.evaluation import EvaluateError
 from amsam_jax.evaluation.fewshot import evaluate_fewshot, predict_masks
 from amsam_jax.evaluation.plots import write_samples
 from amsam_jax.fewshot.config import FewShotConfig
-from amsam_jax.fewshot.preprocessing import boxes_for, load_split
+from amsam_jax.fewshot.preprocessing import assign_boxes, load_split
 from amsam_jax.fewshot.trainer import CHECKPOINT_KINDS, data_dir_of, detect_into, load_run_state
 from amsam_jax.training.run import log, read_run_config
 from amsam_jax.utils.image import list_images
@@ -90,9 +90,10 @@ def evaluate_workdir(
     box_note = "box prompts: off"
     box_path = _box_file(setup.cfg, workdir, data_dir, split)
     if box_path is not None:
-        test.boxes = boxes_for(
-            test, load_box_file(box_path), str(box_path), setup.preprocessing.size
-        )
+        assign_boxes(
+            test, load_box_file(box_path), str(box_path), setup.preprocessing.size,
+            setup.cfg.boxes.max_per_image,
+        )  # fmt: skip
         box_note = f"box prompts: {box_path}"
 
     data = test.eval_data()

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from amsam_jax.fewshot.calibration import calibrate_masks
 from amsam_jax.fewshot.config import HYPERGRADIENTS
 from amsam_jax.fewshot.lora import LOWER, PromptParam
 from amsam_jax.fewshot.losses import segmentation_loss
+from amsam_jax.training.mesh import replicated_outputs
 from amsam_jax.training.prompt_decoder import PromptDecoder
 
 
@@ -54,26 +56,57 @@ class StepConfig:
     fd_final_attn_quirk: bool = False
 
 
+def merge_box_masks(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """One semantic prediction from M box-prompted ones (docs/fewshot.md §6.4).
+
+    Class k's merged logit is the largest, over the image's valid boxes, of that box's log-odds
+    of k against background, z_m[k] - z_m[0]; background's is 0. So a pixel is background where
+    every box predicts background, and otherwise takes the class with the highest odds in any
+    box: for one class, the union of the per-box masks. Padded boxes are -inf and never win.
+
+    Args:
+        logits: (B, M, n, h, w), channel 0 background.
+        valid: (B, M) bool, at least one True per image.
+
+    Returns:
+        (B, n, h, w) logits.
+    """
+    odds = logits[:, :, 1:] - logits[:, :, :1]  # (B, M, n - 1, h, w)
+    odds = jnp.where(valid[:, :, None, None, None], odds, -jnp.inf)
+    best = jnp.max(odds, axis=1)  # (B, n - 1, h, w)
+    return jnp.concatenate([jnp.zeros_like(best[:, :1]), best], axis=1)
+
+
 def forward(
     model: PromptDecoder,
     embeddings: jax.Array,
     boxes: jax.Array | None,
     cfg: StepConfig,
     box_residual: BoxResidual | None = None,
+    box_valid: jax.Array | None = None,
 ) -> jax.Array:
-    """Decoder logits for cached image embeddings, one box (or none) per image.
+    """Decoder logits for cached image embeddings, one box, M boxes or none per image.
 
     Args:
         model: prompt encoder + mask decoder.
         embeddings: (B, G, G, C) image embeddings.
-        boxes: (B, 4) boxes in the model input frame, or None (BLO-SAM: no sparse prompt).
+        boxes: (B, 4) boxes in the model input frame; (B, M, 4): M boxes per image, each
+            decoded on its own and merged by `merge_box_masks` (docs/fewshot.md §6.4); or None
+            (BLO-SAM: no sparse prompt).
         cfg: step settings (calibration).
         box_residual: optional upper-level offset on the two box tokens.
+        box_valid: (B, M) bool with (B, M, 4) boxes: False marks a padded slot (None: all real).
 
     Returns:
-        (B, n, 4G, 4G) logits (calibrated when enabled).
+        (B, n, 4G, 4G) logits (calibrated when enabled, after the merge).
     """
     pe = model.prompt_encoder
+    images = embeddings.shape[0]
+    per_image = None
+    if boxes is not None and boxes.ndim == 3:  # row i·M + m: image i with its box m
+        per_image = boxes.shape[1]
+        embeddings = jnp.repeat(embeddings, per_image, axis=0)  # (B·M, G, G, C)
+        boxes = boxes.reshape(-1, 4)  # (B·M, 4)
     b = embeddings.shape[0]
     if boxes is None:
         sparse = jnp.zeros((b, 0, pe.embed_dim), jnp.float32)
@@ -91,6 +124,9 @@ def forward(
     if cfg.semantic_head == "single_mask":  # docs/fewshot.md §2.3: [0, SAM's single mask]
         foreground = masks[:, :1]
         masks = jnp.concatenate([jnp.zeros_like(foreground), foreground], axis=1)
+    if per_image is not None:
+        valid = jnp.ones((images, per_image), bool) if box_valid is None else box_valid
+        masks = merge_box_masks(masks.reshape(images, per_image, *masks.shape[1:]), valid)
     if cfg.calibration:
         masks = calibrate_masks(
             masks, hyper.shape[-1], cfg.calibration_alpha, cfg.calibration_average
@@ -128,8 +164,9 @@ def make_loss_fn(graphdef, cfg: StepConfig) -> Callable:
     def loss_fn(lower, prompt, frozen, batch):
         model = nnx.merge(graphdef, lower, prompt, frozen)
         logits = forward(
-            model.decoder, batch["embedding"], batch.get("box"), cfg, model.box_residual
-        )
+            model.decoder, batch["embedding"], batch.get("box"), cfg, model.box_residual,
+            batch.get("box_valid"),
+        )  # fmt: skip
         return segmentation_loss(logits, batch["label"], cfg.dice_weight)
 
     return loss_fn
@@ -266,13 +303,17 @@ def make_step(
     return jax.jit(step, donate_argnums=0), lower_tx, upper_tx
 
 
-def make_epoch(step: Callable) -> Callable:
+def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
     """One jitted `lax.scan` of the (unjitted) `build_step` step over a run of iterations.
 
     The batches stay on the device for the whole run: iteration t uses D1 batch `idx1[t]` and D2
     batch `idx2[t]` of the stacked splits, so a call transfers only the two index vectors. The
     scanned body is the step itself; its results are bitwise those of calling the jitted step
     once per iteration (tests/fewshot/test_blo.py checks it).
+
+    With a `mesh` (docs/scale.md §2) the stacked batches come split over its data axis along
+    their B axis (`training.mesh.shard_batch(..., axis=1)`), everything else replicated, and the
+    state and metrics come back replicated.
 
     Returns:
         epoch(state, frozen, data1, data2, idx1, idx2) -> (state, metrics), with data1/data2 the
@@ -289,7 +330,7 @@ def make_epoch(step: Callable) -> Callable:
 
         return jax.lax.scan(body, state, (idx1, idx2))
 
-    return jax.jit(epoch, donate_argnums=0)
+    return jax.jit(epoch, donate_argnums=0, **replicated_outputs(mesh))
 
 
 def darts_fd_hypergradient(

@@ -12,6 +12,7 @@ from amsam_jax.boxes.box_file import FALLBACKS
 from amsam_jax.training.config import (
     MESH_RULES,
     SAM_RULES,
+    ConfigError,
     MeshSection,
     SamSection,
     at_least,
@@ -37,6 +38,9 @@ class DataConfig:
         False  # docs/fewshot.md §2.4: the reference feeds [0, 1] images unnormalised
     )
     test_split: str = "test"
+    # K foreground classes: labels are class ids 0..K (docs/fewshot.md §4.5); 1 = binary (> 0).
+    # sam.num_classes follows it (`FewShotConfig.validate`).
+    num_classes: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,9 @@ class BoxesConfig:
     iou: float = 0.7
     classes: tuple[str, ...] | None = None
     fallback: str = "full_image"
+    # M boxes per image from the box file's lists, padded and merged (docs/fewshot.md §6.4);
+    # 1: the entry's single box, as the paper.
+    max_per_image: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,13 +129,30 @@ class FewShotConfig:
         return from_dict(cls, d)
 
     def validate(self) -> "FewShotConfig":
-        """Checks every setting's type and range (see RULES).
+        """Checks every setting's type and range (see RULES) and derives `sam.num_classes`.
+
+        `data.num_classes` is the setting; the model gets one mask token per class plus
+        background (`sam.num_classes` = K, docs/fewshot.md §4.5). A `sam.num_classes` left at 1
+        follows `data.num_classes`; any other value must equal it.
+
+        Returns:
+            The config with `sam.num_classes = data.num_classes` (itself when they are equal).
 
         Raises:
-            ConfigError: naming the first bad setting, e.g. `train.batch_size=0: must be >= 1`.
+            ConfigError: naming the first bad setting, e.g. `train.batch_size=0: must be >= 1`,
+                or a `sam.num_classes` that contradicts `data.num_classes`.
         """
         check_config(self, RULES)
-        return self
+        k, s = self.data.num_classes, self.sam.num_classes
+        if s == k:
+            return self
+        if s != 1:
+            raise ConfigError(
+                f"sam.num_classes={s}",
+                f"contradicts data.num_classes={k}: set data.num_classes only "
+                "(sam.num_classes follows it)",
+            )
+        return dataclasses.replace(self, sam=dataclasses.replace(self.sam, num_classes=k))
 
 
 RULES = [
@@ -136,6 +160,7 @@ RULES = [
     *MESH_RULES,
     rule("data.shots", at_least(2)),  # D1 = the first N // 2 shots, D2 the rest
     rule("data.test_split", (bool, "a split folder name")),
+    rule("data.num_classes", at_least(1)),
     rule("lora.rank", at_least(1)),
     rule("lora.alpha", positive()),
     rule("train.epochs", at_least(1)),
@@ -161,6 +186,7 @@ RULES = [
     rule("boxes.conf", between(0, 1)),
     rule("boxes.iou", between(0, 1)),
     rule("boxes.fallback", one_of(*FALLBACKS)),
+    rule("boxes.max_per_image", at_least(1)),
     rule("calibration.alpha", between(0, 1)),
     rule("calibration.average", one_of("batch", "sample")),
 ]

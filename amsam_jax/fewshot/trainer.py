@@ -5,6 +5,10 @@
 The run machinery (config guard, resume, metrics, checkpoints, NaN stop) is `training.run`; the
 bi-level step is `fewshot.blo` (docs/fewshot.md §5). A killed run resumed from `latest` replays
 deterministically: it ends with the same parameters as an uninterrupted one.
+
+On several devices or processes (docs/scale.md) the step runs over the `mesh.data` mesh: every
+process builds the same D1 and D2 batches, their images are split over the devices, the state is
+replicated. Process 0 alone evaluates D2 and writes the metrics, plots, samples and summary.
 """
 
 import dataclasses
@@ -39,7 +43,7 @@ from amsam_jax.fewshot.lora import apply_lora, count_params, mark_trainable
 from amsam_jax.fewshot.preprocessing import (
     Preprocessing,
     Split,
-    boxes_for,
+    assign_boxes,
     load_split,
     select_few_shot,
     split_d1_d2,
@@ -47,7 +51,14 @@ from amsam_jax.fewshot.preprocessing import (
 from amsam_jax.training import mesh as meshlib
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
-from amsam_jax.training.run import JsonlWriter, Run, TrainError, log, read_run_config
+from amsam_jax.training.run import (
+    JsonlWriter,
+    MemoryWriter,
+    Run,
+    TrainError,
+    log,
+    read_run_config,
+)
 from amsam_jax.training.sam import resolve_sam
 from amsam_jax.training.state import clone_state, restore_state
 
@@ -143,15 +154,17 @@ class Setup:
     sam: Any
     embedder: Embedder
     preprocessing: Preprocessing
+    mesh: Any = None  # the step's device mesh (`training.mesh.make_mesh`); None: one device
 
 
 def data_dir_of(cfg: FewShotConfig) -> Path:
     """`data.dir`, or the bundled synthetic few-shot set."""
-    return Path(cfg.data.dir) if cfg.data.dir else bundled_synthetic_dir()
+    return Path(cfg.data.dir) if cfg.data.dir else bundled_synthetic_dir(cfg.data.num_classes)
 
 
-def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup:
-    """Resolves weights, loads and caches data, builds the partitioned model and step."""
+def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False, mesh=None) -> Setup:
+    """Resolves weights, loads and caches data, builds the partitioned model and step (over
+    `mesh` when it has more than one device, docs/scale.md §2)."""
     say = (lambda m: None) if quiet else log
     data_dir = data_dir_of(cfg)
     pool = list_samples(data_dir, "train")  # the folder structure first: fails fast
@@ -160,12 +173,16 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
         d1_samples, d2_samples = split_d1_d2(shots)
     else:  # SAMed: the lower level sees all shots; D2 (= all) only selects the checkpoint
         d1_samples, d2_samples = shots, shots
+    if mesh is not None:
+        check_batches_divide(cfg, len(d1_samples), len(d2_samples), mesh)
+        mesh = mesh if mesh.devices.size > 1 else None  # one device: the plain step
     sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
     # Labels at the decoder's low resolution: 4G (64 for ViT at 256 px, 256 for LiteMedSAM).
     prep = Preprocessing(
         size=sam_cfg.image_size,
         low_res=4 * sam_cfg.grid_size,
         sam_pixel_norm=cfg.data.sam_pixel_norm,
+        num_classes=cfg.data.num_classes,
     )
     d1, d2 = load_split(d1_samples, prep), load_split(d2_samples, prep)
     say(f"data: {data_dir} | {len(shots)} shots -> D1 {len(d1.stems)}, D2 {len(d2.stems)}")
@@ -183,11 +200,14 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
         box_file_path = str(ensure_box_file(cfg, data_dir, workdir))
     if box_file_path:
         box_file = load_box_file(box_file_path)
+        m, cut = cfg.boxes.max_per_image, set()
         for split in (d1, d2):
-            split.boxes = boxes_for(split, box_file, box_file_path, sam_cfg.image_size)
+            cut.update(assign_boxes(split, box_file, box_file_path, sam_cfg.image_size, m))
         entries = [box_file["boxes"][s] for s in d1.stems + d2.stems]
         rate = float(np.mean([bool(e.get("fallback")) for e in entries]))
         box_note = f"box prompts: {box_file_path} (fallback rate {100 * rate:.1f}%)"
+        if m > 1:  # docs/fewshot.md §6.4
+            box_note += f"; up to {m} per image, {len(cut)} image(s) with more cut to {m}"
     say(box_note)
 
     apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, seed=cfg.seed)
@@ -203,7 +223,7 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
     lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
     scfg = step_config(cfg)
     step, lower_tx, upper_tx = build_step(trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1)
-    step_fn, epoch_fn = jax.jit(step, donate_argnums=0), make_epoch(step)
+    step_fn, epoch_fn = jit_steps(step, mesh)
     initial = {
         "lower": trainable.lower,
         "prompt": trainable.prompt,
@@ -213,8 +233,38 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False) -> Setup
     }
     return Setup(
         cfg, sam_cfg, weights, trainable.graphdef, trainable.frozen, initial, scfg, d1, d2,
-        lower_tx, upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep,
+        lower_tx, upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep, mesh,
     )  # fmt: skip
+
+
+def jit_steps(step, mesh) -> tuple[Any, Any]:
+    """(one iteration per call, a run of iterations per call) of the unjitted `step`; over a
+    `mesh`, both return the state and metrics replicated (None: the single-device functions)."""
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0), make_epoch(step)
+    out = meshlib.replicated_outputs(mesh)
+    return jax.jit(step, donate_argnums=0, **out), make_epoch(step, mesh)
+
+
+def check_batches_divide(cfg: FewShotConfig, n1: int, n2: int, mesh) -> None:
+    """Every D1 and D2 batch a run uses must split evenly over the mesh's devices
+    (docs/scale.md §1): the full batches and the short last one of a split that `train.batch_size`
+    does not divide.
+
+    Raises:
+        MeshError: naming `train.batch_size` and the batch that does not divide.
+    """
+    bs = cfg.train.batch_size
+    splits = [("D1", n1, False), ("D2", n2, cfg.train.upper_batch == "first")]
+    for name, n, first_only in splits:
+        if n < bs:
+            one = f"train.batch_size ({name}: one batch of its {n} images)"
+            meshlib.check_divides(one, n, mesh)
+            continue
+        meshlib.check_divides("train.batch_size", bs, mesh)
+        if n % bs and not first_only:
+            short = f"train.batch_size ({name}: the last batch of its {n} images)"
+            meshlib.check_divides(short, n % bs, mesh)
 
 
 def ensure_box_file(cfg: FewShotConfig, data_dir: Path, workdir: Path) -> Path:
@@ -232,6 +282,7 @@ def detect_into(cfg: FewShotConfig, paths: list[Path], out: Path) -> Path:
         iou=cfg.boxes.iou,
         classes=list(cfg.boxes.classes) if cfg.boxes.classes else None,
         fallback=cfg.boxes.fallback,
+        policy="all" if cfg.boxes.max_per_image > 1 else "top1",  # every box: §6.4
     )
     return out
 
@@ -239,48 +290,42 @@ def detect_into(cfg: FewShotConfig, paths: list[Path], out: Path) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
-def check_single_device(cfg: FewShotConfig) -> None:
-    """The few-shot trainer runs in one process on one device (docs/scale.md §2): refuse a
-    multi-process launch or `mesh.data > 1` instead of training N copies into one workdir."""
-    if meshlib.process_count() > 1:
-        raise TrainError(
-            "JAX_NUM_PROCESSES",
-            f"few-shot training runs in one process, this launch has {meshlib.process_count()} "
-            "(the SUM trainer and the precompute commands run on several)",
-        )
-    if cfg.mesh.data > 1:
-        raise TrainError(
-            "mesh.data",
-            f"few-shot training runs on one device, got mesh.data={cfg.mesh.data} "
-            "(its batches are a few images; set mesh.data=1 or leave it at 0)",
-        )
-
-
 def train(
     cfg: FewShotConfig, workdir: str | os.PathLike, writer: JsonlWriter | None = None
 ) -> dict:
-    """Runs (or resumes) a training run in `workdir`.
+    """Runs (or resumes) a training run in `workdir`, on the `mesh.data` devices of every
+    process (docs/scale.md); the other processes return process 0's summary.
 
     Returns:
         summary: best D2 Dice, steps, weights description, paths.
     """
-    cfg.validate()
-    check_single_device(cfg)
-    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s, background_saves=True)
+    cfg = cfg.validate()  # also derives sam.num_classes from data.num_classes
+    mesh = meshlib.make_mesh(cfg.mesh.data)  # before the workdir: a bad mesh.data leaves none
+    run = Run(
+        workdir,
+        cfg.to_dict(),
+        cfg.train.checkpoint_every_s,
+        background_saves=True,
+        defaults=type(cfg)().to_dict(),
+    )
     workdir = run.workdir
     with run.setting_up():
-        setup = build_setup(cfg, workdir)
+        setup = build_setup(cfg, workdir, mesh=mesh)
     state = clone_state(setup.initial)
     meta = {"step": 0, "epoch": 0, "best_dice": 0.0}
     restored = run.restore(setup.initial)
     if restored is not None:
         state, meta = restored
         log(f"resume: from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
-    writer = writer or run.metrics(meta["step"] if restored is not None else None)
+    if writer is None:
+        resumed = meta["step"] if restored is not None else None
+        writer = run.metrics(resumed) if meshlib.is_main_process() else MemoryWriter()
     summary = run.summary()
     if int(meta["step"]) >= setup.total_steps and summary is not None:
         log(f"resume: the run in {workdir} is already complete ({meta['step']} steps)")
         return summary
+    if setup.mesh is not None:
+        state = meshlib.replicate(state, setup.mesh)
     with run.interruptible():
         state, step, best, meta = _train_loop(cfg, setup, run, writer, state, meta)
     return _finish(setup, run, writer, state, step, best, meta)
@@ -321,9 +366,10 @@ class Batches:
             batches = [split.batch(plan.rows(i, split is setup.d1)) for i in range(count)]
             return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
-        return dataclasses.replace(
-            plan, d1=stack(setup.d1, setup.iters_per_epoch), d2=stack(setup.d2, d2_batches)
-        )
+        d1, d2 = stack(setup.d1, setup.iters_per_epoch), stack(setup.d2, d2_batches)
+        if setup.mesh is not None:  # (n_batches, B, ...): each batch's images over the devices
+            d1, d2 = meshlib.shard_batch((d1, d2), setup.mesh, axis=1)
+        return dataclasses.replace(plan, d1=d1, d2=d2)
 
     @property
     def stacked(self) -> bool:
@@ -342,24 +388,30 @@ class Batches:
         return (k % self.iters_per_epoch).astype(np.int32), j.astype(np.int32)
 
 
-def run_iterations(setup: Setup, batches: Batches, state: dict, start: int, stop: int):
+def run_iterations(setup: Setup, batches: Batches, state: dict, start: int, stop: int, frozen=None):
     """Iterations start .. stop - 1 of one epoch: one `epoch_fn` call over the stacked batches,
-    or (ragged batches) one `step_fn` call each.
+    or (ragged batches) one `step_fn` call each. `frozen` is the frozen state as the step takes
+    it (replicated over a mesh; None: `setup.frozen`).
 
     Returns:
         (state, metrics): metrics as host arrays (T,) per name, T = stop - start.
     """
+    mesh = setup.mesh
+    frozen = setup.frozen if frozen is None else frozen
     idx1, idx2 = batches.indices(start, stop)
     if batches.stacked:
-        state, metrics = setup.epoch_fn(
-            state, setup.frozen, batches.d1, batches.d2, jnp.asarray(idx1), jnp.asarray(idx2)
-        )
+        idx1, idx2 = jnp.asarray(idx1), jnp.asarray(idx2)
+        if mesh is not None:
+            idx1, idx2 = meshlib.replicate((idx1, idx2), mesh)
+        state, metrics = setup.epoch_fn(state, frozen, batches.d1, batches.d2, idx1, idx2)
         return state, jax.device_get(metrics)
     rows = []
     for i, j in zip(idx1, idx2, strict=True):
         batch1 = setup.d1.batch(batches.rows(int(i), True))
         batch2 = setup.d2.batch(batches.rows(int(j), False))
-        state, metrics = setup.step_fn(state, setup.frozen, batch1, batch2)
+        if mesh is not None:
+            batch1, batch2 = meshlib.shard_batch((batch1, batch2), mesh)
+        state, metrics = setup.step_fn(state, frozen, batch1, batch2)
         rows.append(metrics)
     return state, jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(rows))
 
@@ -373,6 +425,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
     `step_time_s` being the call's wall time over its iterations.
     """
     batches = Batches.of(setup)
+    frozen = setup.frozen if setup.mesh is None else meshlib.replicate(setup.frozen, setup.mesh)
     iters = setup.iters_per_epoch
     every = cfg.train.checkpoint_every
     step = int(meta["step"])
@@ -392,7 +445,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
         while step < end:
             stop = min(end, (step // every + 1) * every) if every else end
             t0 = time.perf_counter()
-            state, stacked = run_iterations(setup, batches, state, step, stop)
+            state, stacked = run_iterations(setup, batches, state, step, stop, frozen)
             elapsed = (time.perf_counter() - t0) / (stop - step)
             for t in range(stop - step):
                 metrics = {k: float(v[t]) for k, v in stacked.items()}
@@ -410,7 +463,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
                 run.save("latest", state, {**meta, "step": step, "epoch": epoch})
                 run.stop_if_requested(state, {**meta, "step": step, "epoch": epoch}, f"step {step}")
         # End of epoch: D2 Dice, best (strictly greater), latest.
-        result = evaluate_fewshot(setup.graphdef, setup.step_cfg, state, setup.frozen, d2_eval)
+        result = epoch_evaluation(setup, state, d2_eval)
         dice = result["dice"]
         bar.set_postfix(loss=f"{metrics['lower_loss']:.4f}", d2_dice=f"{dice:.2f}")
         bar.close()
@@ -424,18 +477,28 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
             meta["best_dice"] = best
             run.save("best", state, {**meta, "d2_dice": dice})
         writer.write({"kind": "epoch", "step": step, "epoch": epoch + 1, "d2_dice": dice,
-                      "d2_iou": result["iou"], "best_d2_dice": best})  # fmt: skip
+                      "d2_iou": result["iou"], "best_d2_dice": best,
+                      **per_class_of(result, "d2_")})  # fmt: skip
         run.save_latest(state, meta, force=step >= setup.total_steps)
         run.stop_if_requested(state, meta, f"step {step} (end of epoch {epoch + 1})")
     return state, step, best, meta
 
 
 def _finish(setup: Setup, run: Run, writer, state: dict, step: int, best: float, meta: dict):
-    """The final checkpoint, plots, samples and summary (a rerun after a kill redoes them)."""
+    """The final checkpoint, plots, samples and summary (a rerun after a kill redoes them); all
+    but the checkpoints on process 0 alone, while the others wait."""
     cfg, workdir, frozen = setup.cfg, run.workdir, setup.frozen
     run.save("final", state, {**meta, "step": step})
-    if not (workdir / "ckpt" / "best").exists():  # no epoch beat 0: best is the final state
+    # No epoch beat 0: best is the final state. `best > 0` covers a `best` save still pending in
+    # the background; process 0 decides for all, as every process takes part in a save.
+    if not meshlib.agree(best > 0.0 or (workdir / "ckpt" / "best").exists()):
         run.save("best", state, {**meta, "step": step})
+    if setup.mesh is not None:
+        state = meshlib.to_host(state)  # the rest runs on process 0 alone
+    if not meshlib.is_main_process():
+        run.wait_for_saves()
+        meshlib.sync("fewshot-finished")
+        return run.summary() or {"workdir": str(workdir)}
     plot_curves(writer.records(), workdir / "plots" / "curves.png")
     preds = evaluate_predictions(setup, state)
     write_samples(setup.d2, preds, workdir / "samples", cfg.train.num_samples)
@@ -448,10 +511,33 @@ def _finish(setup: Setup, run: Run, writer, state: dict, step: int, best: float,
         "steps": step,
         "best_d2_dice": best,
         "final_d2_dice": float(final["dice"]),
+        **per_class_of(final, "final_d2_"),
     }
     run.wait_for_saves()  # `final` (written while the above ran) is on disk before the summary
     run.write_summary(summary)
+    meshlib.sync("fewshot-finished")
     return summary
+
+
+def epoch_evaluation(setup: Setup, state: dict, data) -> dict:
+    """`evaluate_fewshot` of D2 at an epoch's end. Over a mesh it runs on process 0 from a host
+    copy of the replicated state, and its Dice and IoU are process 0's on every process: one
+    `best` decision for all of them (docs/scale.md §4)."""
+    if setup.mesh is None:
+        return evaluate_fewshot(setup.graphdef, setup.step_cfg, state, setup.frozen, data)
+    result = {"dice": 0.0, "iou": 0.0}
+    if meshlib.is_main_process():
+        trainable = meshlib.to_host({k: state[k] for k in TRAINABLE})
+        result = evaluate_fewshot(setup.graphdef, setup.step_cfg, trainable, setup.frozen, data)
+    result["dice"], result["iou"] = meshlib.agree_values([result["dice"], result["iou"]])
+    return result
+
+
+def per_class_of(result: dict, prefix: str) -> dict:
+    """`<prefix>dice_per_class` and `<prefix>iou_per_class` of a multi-class evaluation (class
+    1..K, docs/fewshot.md §4.5); nothing for a binary one."""
+    keys = ("dice_per_class", "iou_per_class")
+    return {prefix + k: result[k] for k in keys if k in result}
 
 
 def evaluate_predictions(setup: Setup, state: dict) -> np.ndarray:

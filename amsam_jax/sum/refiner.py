@@ -103,7 +103,7 @@ def train_refiner(
 ) -> Path:
     """Trains (or resumes, or finds finished) a refiner in `workdir`; returns its SAM dir."""
     r = cfg.validate().refine
-    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
+    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s, defaults=type(cfg)().to_dict())
     out = run.workdir / REFINER_SAM
     if run.summary() is not None and (out / "config.json").is_file():
         return out

@@ -46,7 +46,7 @@ from amsam_jax.sum.step import SumStepConfig, make_optimizers, make_sum_step, sp
 from amsam_jax.training import mesh as meshlib
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
-from amsam_jax.training.run import JsonlWriter, Run, TrainError, log
+from amsam_jax.training.run import JsonlWriter, MemoryWriter, Run, TrainError, log
 from amsam_jax.training.sam import resolve_sam
 from amsam_jax.training.state import clone_state
 from amsam_jax.utils.image import list_images
@@ -272,7 +272,7 @@ def finetuned_sam(setup: SumSetup, state: dict):
 def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | None = None):
     """Runs (or resumes) a SUM run in `workdir`; returns the summary dict."""
     cfg.validate()
-    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s)
+    run = Run(workdir, cfg.to_dict(), cfg.train.checkpoint_every_s, defaults=type(cfg)().to_dict())
     workdir = run.workdir
     with run.setting_up():
         setup = build_sum_setup(cfg, workdir)
@@ -305,19 +305,6 @@ def train_sum(cfg: SumConfig, workdir: str | os.PathLike, writer: JsonlWriter | 
     run.write_summary(summary)
     meshlib.sync("sum-finished")
     return summary
-
-
-class MemoryWriter:
-    """The metrics writer of processes other than 0: records kept in memory, no file."""
-
-    def __init__(self):
-        self._records: list[dict] = []
-
-    def write(self, record) -> None:
-        self._records.append(dict(record))
-
-    def records(self) -> list[dict]:
-        return list(self._records)
 
 
 def _sum_loop(setup: SumSetup, run: Run, writer: JsonlWriter, state: dict, it: int):

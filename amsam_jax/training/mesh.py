@@ -150,6 +150,27 @@ def agree(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag), np.int32)))
 
 
+def agree_any(flag: bool) -> bool:
+    """Whether any process's `flag` is set, on every process (a stop that a signal asked of one
+    process, or of each at a different moment). A no-op with one process."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+    return bool(np.any(flags))
+
+
+def agree_values(values: Sequence[float]) -> list[float]:
+    """Process 0's float64 `values`, bit for bit, on every process (a result that process 0
+    computed alone, or that another host's CPU could round differently). A no-op with one
+    process."""
+    if jax.process_count() == 1:
+        return [float(v) for v in values]
+    # As int32 pairs: the broadcast sums in the default (float32) precision unless x64 is on.
+    bits = np.ascontiguousarray(np.asarray(values, np.float64)).view(np.int32)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(bits), np.int32)
+    return [float(v) for v in shared.view(np.float64)]
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether a runtime error means another process died or cannot be reached."""
     if isinstance(error, AmsamError | KeyboardInterrupt) or jax.process_count() == 1:
@@ -240,6 +261,12 @@ def local_mesh(data: int = 0) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def replicated_outputs(mesh: Mesh | None) -> dict:
+    """`jax.jit` keyword arguments of a step over `mesh`: every output replicated, so the next
+    call's inputs have the same layout (one compile). None (one device): none."""
+    return {} if mesh is None else {"out_shardings": replicated(mesh)}
 
 
 def data_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:

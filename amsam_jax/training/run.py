@@ -11,6 +11,13 @@ from there, saves `latest` at most every `checkpoint_every_s` seconds, stops wit
 `background_saves`, a save copies the state to the host and writes it in a worker thread, one save
 at a time and in order, while training goes on; `wait_for_saves` (called before a stop, a NaN
 report and the summary) makes every save requested so far complete.
+
+In a run of several processes (docs/scale.md §4) every process makes the same calls: Orbax writes
+each checkpoint from process 0 with all of them in its barriers. The choices a process could make
+alone are agreed: a `latest` due by the clock is process 0's decision, a stop asked of any process
+stops all of them at the same step. Saves are then written in the calling thread: Orbax's
+barriers are collectives over the devices, which a worker thread would issue in another order
+than the step's all-reduce on some process.
 """
 
 import contextlib
@@ -26,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from amsam_jax.training import mesh as meshlib
 from amsam_jax.training.state import host_copy, restore_state, save_state, saved_step
 from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import atomic_write, write_json
@@ -105,15 +113,80 @@ class JsonlWriter:
         return out
 
 
+def config_difference(previous: dict, config: dict, prefix: str = "") -> str:
+    """The first setting where two stored configs differ, as `key: old in the workdir, new now`."""
+    for key in sorted(set(previous) | set(config)):
+        name = prefix + key
+        if key not in config:
+            return f"{name}: {previous[key]!r} in the workdir, no such setting now"
+        if key not in previous:
+            return f"{name}: not in the workdir's config, {config[key]!r} now"
+        old, new = previous[key], config[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            if old != new:
+                return config_difference(old, new, name + ".")
+        elif old != new:
+            return f"{name}: {old!r} in the workdir, {new!r} now"
+    return "none"
+
+
+def added_defaults(previous: dict, config: dict, defaults: dict, prefix: str = "") -> str | None:
+    """Whether `config` is `previous` plus settings introduced since, each at its default.
+
+    A workdir's `config.json` predates settings added to the code later; such a setting at its
+    default (the behaviour of the code that wrote the workdir) does not make the run different.
+
+    Returns:
+        the added settings (comma-separated) when that is the only difference, else None.
+    """
+    added = []
+    for key in sorted(set(previous) | set(config)):
+        name = prefix + key
+        if key not in config:
+            return None
+        if key not in previous:
+            if key not in defaults or defaults[key] != config[key]:
+                return None
+            added.append(name)
+            continue
+        old, new = previous[key], config[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            sub = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            inner = added_defaults(old, new, sub, name + ".")
+            if inner is None:
+                return None
+            added += [inner] if inner else []
+        elif old != new:
+            return None
+    return ", ".join(added)
+
+
+class MemoryWriter:
+    """The metrics writer of processes other than 0: records kept in memory, no file."""
+
+    def __init__(self):
+        self._records: list[dict] = []
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._records.append(dict(record))
+
+    def records(self) -> list[dict]:
+        return list(self._records)
+
+
 class Run:
     """One run directory. See the module docstring for the layout.
 
     Args:
         workdir: the directory (created).
         config: the resolved config as a JSON-able dict.
+        defaults: the config class's defaults (same layout): a workdir whose `config.json` lacks
+            settings added to the code since, with `config` holding them at these defaults, is
+            the same run (its `config.json` is then rewritten in full).
         checkpoint_every_s: minimum seconds between two `latest` saves (0: every call).
         background_saves: write checkpoints in a worker thread (see the module docstring);
-            False [default] writes them before `save` returns.
+            False [default], and always in a run of several processes, writes them before
+            `save` returns.
 
     Raises:
         TrainError: the workdir holds a run with a different (or unreadable) config, or cannot be
@@ -126,10 +199,11 @@ class Run:
         config: dict,
         checkpoint_every_s: float = 30.0,
         background_saves: bool = False,
+        defaults: dict | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.checkpoint_every_s = checkpoint_every_s
-        self._background = background_saves
+        self._background = background_saves and meshlib.process_count() == 1
         self._saver: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._last_save = time.perf_counter()
@@ -154,9 +228,14 @@ class Run:
             if not isinstance(previous, dict):
                 raise TrainError(path, f"not a config object; {unusable}")
             if previous != config:
-                raise TrainError(
-                    self.workdir, "holds a run with a different config; use another --workdir"
-                )
+                added = added_defaults(previous, config, json.loads(json.dumps(defaults or {})))
+                if added is None:
+                    what = config_difference(previous, config)
+                    raise TrainError(
+                        self.workdir,
+                        f"holds a run with a different config ({what}); use another --workdir",
+                    )
+                log(f"{path}: settings added since this run began take their defaults: {added}")
         if previous != config:
             try:
                 write_json(path, config)
@@ -215,9 +294,11 @@ class Run:
                 signal.signal(sig, handler)
 
     def stop_if_requested(self, state: dict, meta: dict, where: str) -> None:
-        """After a step: when a stop was asked for, saves `latest` and raises `Interrupted`."""
-        if self._stop is None:
+        """After a step: when a stop was asked for (of any process), saves `latest` and raises
+        `Interrupted`."""
+        if not meshlib.agree_any(self._stop is not None):
             return
+        self._stop = self._stop or "another process was asked to stop"
         self.save("latest", state, meta)
         self.wait_for_saves()
         raise Interrupted(
@@ -272,12 +353,14 @@ class Run:
         """Saves `latest` if `checkpoint_every_s` passed since the last save (or `force`).
 
         A killed run replays from `latest` deterministically, so the result does not depend on
-        when it was saved; the interval only bounds the work a kill loses.
+        when it was saved; the interval only bounds the work a kill loses. With several processes
+        the decision is process 0's.
 
         Returns:
             whether it saved.
         """
-        if force or time.perf_counter() - self._last_save >= self.checkpoint_every_s:
+        due = force or time.perf_counter() - self._last_save >= self.checkpoint_every_s
+        if meshlib.agree(due):
             self.save("latest", state, meta)
             return True
         return False

@@ -105,7 +105,7 @@ FEWSHOT_SETS = {
     "train=1": "is a section",
     "train.epochs.x=1": "has no sub-keys",
     "epochs": "expected key=value",
-    "mesh.data=2": "runs on one device",
+    "mesh.data=2": "2 devices asked for, 1 exist",
 }
 
 

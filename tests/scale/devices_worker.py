@@ -2,17 +2,21 @@
 `python tests/scale/devices_worker.py OUT_DIR` (tests/scale/test_devices.py compares the results).
 
 Writes OUT_DIR/steps.npz (the SUM and few-shot trainable states after a few steps on one device
-and on the 4-device mesh), OUT_DIR/cache_1 and OUT_DIR/cache_4 (one embedding cache filled by a
-1-device and by a 4-device `Embedder`), and OUT_DIR/labels (AMG pseudo-labels of a small folder).
+and on the 4-device mesh, and the final state of a few-shot training run on each),
+OUT_DIR/fewshot_error.txt (the few-shot trainer's refusal of a batch that does not divide),
+OUT_DIR/cache_1 and OUT_DIR/cache_4 (one embedding cache filled by a 1-device and by a 4-device
+`Embedder`), and OUT_DIR/labels (AMG pseudo-labels of a small folder).
 """
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -21,7 +25,8 @@ from amsam_jax.data.synthetic import bundled_synthetic_dir  # noqa: E402
 from amsam_jax.fewshot.blo import StepConfig, TrainingModel, make_step, split_trainable  # noqa: E402
 from amsam_jax.fewshot.config import FewShotConfig  # noqa: E402
 from amsam_jax.fewshot.lora import apply_lora, mark_trainable  # noqa: E402
-from amsam_jax.fewshot.trainer import schedules  # noqa: E402
+from amsam_jax.fewshot.recipes import am_sam  # noqa: E402
+from amsam_jax.fewshot.trainer import schedules, train  # noqa: E402
 from amsam_jax.sum.data import Entry, Shapes, make_batch  # noqa: E402
 from amsam_jax.sum.pseudo_labels import label_folder  # noqa: E402
 from amsam_jax.sum.recipes import sum_recipe  # noqa: E402
@@ -115,6 +120,32 @@ def run_fewshot(mesh) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(meshlib.to_host(state))]
 
 
+def fewshot_run(out: Path, devices: int, batch_size: int = 4) -> Path:
+    """The am_sam smoke recipe on 8 shots (D1 and D2 of 4 images) for 2 epochs of one step."""
+    cfg = am_sam("smoke")
+    t = dataclasses.replace(
+        cfg.train, epochs=2, batch_size=batch_size, checkpoint_every_s=0, num_samples=0
+    )
+    cfg = dataclasses.replace(
+        cfg, train=t, data=dataclasses.replace(cfg.data, shots=8),
+        mesh=dataclasses.replace(cfg.mesh, data=devices),
+    )  # fmt: skip
+    workdir = out / f"fewshot_run_{devices}_{batch_size}"
+    train(cfg, workdir)
+    return workdir
+
+
+def final_leaves(workdir: Path) -> list[np.ndarray]:
+    """The leaves of a run's `final` checkpoint, in the order of their names."""
+    mngr = ocp.CheckpointManager(workdir / "ckpt" / "final")
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        named = mngr.restore(mngr.latest_step(), args=args)["state"]
+    finally:
+        mngr.close()
+    return [np.asarray(x) for x in jax.tree.leaves(dict(named))]
+
+
 def fill_cache(folder: Path, devices: int) -> None:
     sam = build_sam(SUM_CFG, seed=2)
     embedder = Embedder(sam.image_encoder, "tiny-seed-2", EmbeddingCache(folder), devices=devices)
@@ -124,6 +155,7 @@ def fill_cache(folder: Path, devices: int) -> None:
 
 def main(out: Path) -> None:
     assert jax.device_count() == 4, jax.devices()
+    os.environ["AMSAM_CACHE"] = str(out / "embeddings")  # the trainer runs' embedding cache
     arrays = {}
     for name, run in (("sum", run_sum), ("fewshot", run_fewshot)):
         for n in (1, 4):
@@ -131,6 +163,15 @@ def main(out: Path) -> None:
             for i, leaf in enumerate(run(meshlib.make_mesh(n))):
                 arrays[f"{name}_{n}_{i}"] = leaf
             print(f"{name} on {n} devices: {time.perf_counter() - t0:.1f} s", flush=True)
+    for n in (1, 4):
+        t0 = time.perf_counter()
+        for i, leaf in enumerate(final_leaves(fewshot_run(out, n))):
+            arrays[f"trainer_{n}_{i}"] = leaf
+        print(f"few-shot trainer on {n} devices: {time.perf_counter() - t0:.1f} s", flush=True)
+    try:
+        fewshot_run(out, 4, batch_size=2)
+    except meshlib.MeshError as e:
+        (out / "fewshot_error.txt").write_text(str(e))
     np.savez(out / "steps.npz", **arrays)
     fill_cache(out / "cache_1", 1)
     fill_cache(out / "cache_4", 4)

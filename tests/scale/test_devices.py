@@ -1,11 +1,13 @@
-"""Four simulated CPU devices (docs/scale.md §2-3): the sharded SUM and few-shot steps equal the
-single-device steps on the same global batch, and a sharded embedding precompute and the AMG
-write the same files as a single-device run.
+"""Four simulated CPU devices (docs/scale.md §2-3): the sharded SUM and few-shot steps, and a
+few-shot training run, equal the single-device ones on the same global batch; a few-shot batch
+that does not divide over the devices is refused in one line; a sharded embedding precompute and
+the AMG write the same files as a single-device run.
 
 One subprocess (`devices_worker.py`, `XLA_FLAGS=--xla_force_host_platform_device_count=4`) runs
 everything once; each test checks one part of what it wrote.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +69,30 @@ def test_sharded_step_equals_single_device_step(worker, name):
     assert max(float(np.abs(x - y).max()) for x, y in zip(one, four, strict=True)) <= 1e-5
     step = [x for x in one if x.dtype == np.int32 and x.shape == ()]
     assert step and all(int(s) == 2 for s in step)  # the step and the optimiser counts
+
+
+def test_fewshot_trainer_on_four_devices_ends_at_the_single_device_state(worker):
+    """The am_sam smoke recipe, 8 shots at batch 4, 2 epochs: the final checkpoint (LoRA, prompt,
+    both optimisers, step) of `mesh.data=4` within 1e-6 of `mesh.data=1`'s, and each run wrote
+    its metrics, summary and best checkpoint."""
+    one, four = _states(worker, "trainer")
+    assert len(one) == len(four) > 4
+    assert all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(one, four, strict=True))
+    assert _relative(one, four) <= 1e-6
+    assert max(float(np.abs(x - y).max()) for x, y in zip(one, four, strict=True)) <= 1e-5
+    assert any(x.dtype == np.int32 and x.shape == () and int(x) == 2 for x in one)
+    for n in (1, 4):
+        workdir = worker / f"fewshot_run_{n}_4"
+        assert json.loads((workdir / "summary.json").read_text())["steps"] == 2
+        assert (workdir / "ckpt" / "best").is_dir() and (workdir / "metrics.jsonl").is_file()
+
+
+def test_fewshot_batch_that_does_not_divide_is_refused_naming_the_setting(worker):
+    message = (worker / "fewshot_error.txt").read_text()
+    assert message == (
+        "train.batch_size: 2 does not divide over the 4 devices of the mesh (set mesh.data)"
+    )
+    assert not (worker / "fewshot_run_4_2").exists()  # refused before it wrote anything
 
 
 def test_sharded_embedding_precompute_writes_the_single_device_files(worker):

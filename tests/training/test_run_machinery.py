@@ -117,6 +117,29 @@ def test_run_refuses_another_config_once_it_has_started(tmp_path):
         Run(tmp_path / "w", {"lr": 1.0})
 
 
+def test_a_setting_added_since_the_run_began_resumes_at_its_default_only(tmp_path):
+    defaults = {"train": {"lr": 0.1, "epochs": 10}, "data": {"num_classes": 1, "shots": 2}}
+    old = {"train": {"lr": 1.0}, "data": {"shots": 8}}  # written before epochs/num_classes existed
+    run = Run(tmp_path / "w", old)
+    run.save("latest", make_state(), {"step": 1})
+    new = {"train": {"lr": 1.0, "epochs": 10}, "data": {"num_classes": 1, "shots": 8}}
+    Run(tmp_path / "w", new, defaults=defaults)  # both added settings at their defaults
+    assert json.loads((tmp_path / "w" / "config.json").read_text()) == new
+    moved = {"train": {"lr": 1.0, "epochs": 10}, "data": {"num_classes": 3, "shots": 8}}
+    with pytest.raises(
+        TrainError, match=r"different config \(data.num_classes: 1 in the workdir, 3 now\)"
+    ):
+        Run(tmp_path / "w", moved, defaults=defaults)
+    (tmp_path / "w" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(TrainError, match=r"data.num_classes: not in the workdir's config, 3 now"):
+        Run(tmp_path / "w", moved, defaults=defaults)  # added, but not at its default
+    with pytest.raises(TrainError, match=r"data.num_classes: not in the workdir"):
+        Run(tmp_path / "w", new)  # without defaults an added setting is a difference
+    (tmp_path / "w" / "config.json").write_text(json.dumps(new))
+    with pytest.raises(TrainError, match=r"train.lr: 1.0 in the workdir, 2.0 now"):
+        Run(tmp_path / "w", {**new, "train": {"lr": 2.0, "epochs": 10}}, defaults=defaults)
+
+
 def test_nan_stop_names_the_checkpoint_that_really_exists(tmp_path):
     run = Run(tmp_path / "w", {"a": 1})
     run.check_finite({"loss": 1.0}, "step 0")
