@@ -5,6 +5,7 @@ side file, hostile inputs); the slow ones load the exports into the official cod
 and compare with this project's predictor and few-shot forward (logits within 1e-4 * max|ref|).
 """
 
+import dataclasses
 import json
 import sys
 
@@ -27,7 +28,8 @@ from amsam_jax.conversion.mapping import source_of, target_of
 from amsam_jax.conversion.torch_pickle import load_state_dict, write_state_dict
 from amsam_jax.fewshot.blo import BoxResidual, StepConfig, TrainingModel, forward
 from amsam_jax.fewshot.lora import LoRALinear, apply_lora
-from amsam_jax.fewshot.trainer import load_run_state
+from amsam_jax.fewshot.recipes import am_sam
+from amsam_jax.fewshot.trainer import load_run_state, train
 from amsam_jax.predictor import SamPredictor
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from weights_conversion import export_onnx as export_onnx_module
@@ -407,6 +409,25 @@ def test_fewshot_onnx_no_prompt_model_is_the_runs_calibrated_forward(tmp_path_fa
     _decoder_parity(
         session(tmp_path / "onnx" / "decoder.onnx"), predictor, (150, 230), setup.sam_cfg.grid_size
     )
+
+
+@pytest.mark.slow
+def test_a_three_class_run_exports_one_output_per_class(tmp_path):
+    """data.num_classes=3 (the bundled 3-class sample): no_prompt.onnx gives the run's 4
+    calibrated channels (background + 3 classes) as the JAX forward does."""
+    cfg = am_sam("smoke")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=3))
+    train(cfg, tmp_path / "run")
+    export_onnx(tmp_path / "run", tmp_path / "onnx")
+    setup, state, _ = load_run_state(tmp_path / "run", "best")
+    model = nnx.merge(setup.graphdef, state["lower"], state["prompt"], setup.frozen)
+    embedding = setup.d2.embedding[:1]
+    ref = np.asarray(forward(model.decoder, jnp.asarray(embedding), None, setup.step_cfg))
+    assert ref.shape[1] == 4
+    (masks,) = session(tmp_path / "onnx" / "no_prompt.onnx").run(
+        None, {"image_embeddings": nchw(embedding)}
+    )
+    assert masks.shape == ref.shape and close(masks, ref)
 
 
 @pytest.mark.slow
