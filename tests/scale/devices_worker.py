@@ -16,9 +16,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 jax.config.update("jax_default_matmul_precision", "float32")
+
+from scale_checkpoints import final_leaves  # noqa: E402
 
 from amsam_jax.build_sam import SamConfig, build_sam  # noqa: E402
 from amsam_jax.data.synthetic import bundled_synthetic_dir  # noqa: E402
@@ -133,17 +134,6 @@ def fewshot_run(out: Path, devices: int, batch_size: int = 4) -> Path:
     workdir = out / f"fewshot_run_{devices}_{batch_size}"
     train(cfg, workdir)
     return workdir
-
-
-def final_leaves(workdir: Path) -> list[np.ndarray]:
-    """The leaves of a run's `final` checkpoint, in the order of their names."""
-    mngr = ocp.CheckpointManager(workdir / "ckpt" / "final")
-    try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore())
-        named = mngr.restore(mngr.latest_step(), args=args)["state"]
-    finally:
-        mngr.close()
-    return [np.asarray(x) for x in jax.tree.leaves(dict(named))]
 
 
 def fill_cache(folder: Path, devices: int) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from scale_checkpoints import final_leaves
 
 from amsam_jax.build_sam import SamConfig, build_sam
 from amsam_jax.checkpoint import load_sam
@@ -148,17 +148,6 @@ def fewshot_argv(workdir: Path, *, fault: str | None = None) -> list[str]:
     for s in sets:
         argv += ["--set", s]
     return argv
-
-
-def final_leaves(workdir: Path) -> list[np.ndarray]:
-    """The leaves of a run's `final` checkpoint (LoRA, prompt, optimisers, step), by name."""
-    mngr = ocp.CheckpointManager(workdir / "ckpt" / "final")
-    try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore())
-        named = mngr.restore(mngr.latest_step(), args=args)["state"]
-    finally:
-        mngr.close()
-    return [np.asarray(x) for x in jax.tree.leaves(dict(named))]
 
 
 def metric_steps(workdir: Path) -> list[tuple[str, int]]:
