@@ -1,7 +1,7 @@
 """Bi-level training benchmark: seconds per iteration per hypergradient mode, and a whole run.
 
     python -m bench train [--iterations 30] [--epochs 100] [--shots 8] [--no-run]
-        [--modes exact,first_order,darts_fd] [--xla-cache]
+        [--modes exact,first_order,darts_fd] [--xla-cache] [--profile]
 
 Prints one JSON object, then a readable table (`bench/report.py`) with the machine load:
 - `iteration`: the jitted bi-level step (`blo.make_step`, as the trainer builds it) on a random
@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="whole run with the persistent XLA compilation cache (as the train CLI)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the step's pieces (forward, gradients, steps) with kernel and FLOP counts",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=("run",), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -99,6 +104,43 @@ def bench_config(epochs: int, shots: int):
     )
 
 
+def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) -> dict:
+    """Each piece of a bi-level step compiled alone: its XLA kernel count (fusions and dots of the
+    compiled entry computation), GFLOP (XLA's cost analysis) and median milliseconds, so the
+    achieved GFLOP/s shows whether a piece is bound by arithmetic or by per-kernel cost."""
+    import re
+
+    import jax
+
+    def piece(fn, *a):
+        compiled = jax.jit(fn).lower(*a).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        text = compiled.as_text()
+        entry = text[text.index("ENTRY") :]
+        kernels = len(re.findall(r"= \S+ (?:fusion|dot|convolution|custom-call)\(", entry))
+        for _ in range(3):
+            jax.block_until_ready(compiled(*a))
+        times = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*a))
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(times)
+        gflop = cost.get("flops", 0.0) / 1e9
+        return {"kernels": kernels, "gflop": round(gflop, 3), "median_ms": round(ms, 2),
+                "gflop_per_s": round(gflop / (ms / 1e3), 1)}  # fmt: skip
+
+    args = (trainable.lower, trainable.prompt, trainable.frozen, batch1)
+    out = {
+        "forward (loss)": piece(loss, *args),
+        "lower gradient": piece(jax.grad(loss, argnums=0), *args),
+    }
+    for mode, (step, state) in step_of.items():
+        out[f"step {mode}"] = piece(step, state, trainable.frozen, batch1, batch2)
+    return out
+
+
 def bench_steps(args: argparse.Namespace) -> dict:
     """Per-iteration time of every mode and one checkpoint save, in this process."""
     import dataclasses
@@ -108,7 +150,13 @@ def bench_steps(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from amsam_jax.build_sam import SamConfig, build_sam
-    from amsam_jax.fewshot.blo import TrainingModel, make_step, split_trainable
+    from amsam_jax.fewshot.blo import (
+        TrainingModel,
+        build_step,
+        make_loss_fn,
+        make_step,
+        split_trainable,
+    )  # fmt: skip
     from amsam_jax.fewshot.lora import apply_lora, mark_trainable
     from amsam_jax.fewshot.trainer import schedules, step_config
     from amsam_jax.training.prompt_decoder import PromptDecoder
@@ -129,8 +177,18 @@ def bench_steps(args: argparse.Namespace) -> dict:
         }
 
     batch1, batch2 = batch(), batch()
-    results = {}
+    results, pieces = {}, {}
     state = None
+
+    def fresh_state(lower_tx, upper_tx):
+        return {
+            "lower": jax.tree.map(lambda x: jnp.array(x, copy=True), trainable.lower),
+            "prompt": jax.tree.map(lambda x: jnp.array(x, copy=True), trainable.prompt),
+            "lower_opt": lower_tx.init(trainable.lower),
+            "prompt_opt": upper_tx.init(trainable.prompt),
+            "step": jnp.asarray(0, jnp.int32),
+        }
+
     for mode in args.modes.split(","):
         mcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, hypergradient=mode))
         total = mcfg.train.epochs * 4
@@ -138,13 +196,7 @@ def bench_steps(args: argparse.Namespace) -> dict:
         step_fn, lower_tx, upper_tx = make_step(
             trainable.graphdef, step_config(mcfg), lower_lr, upper_lr, b1
         )
-        state = {
-            "lower": jax.tree.map(lambda x: jnp.array(x, copy=True), trainable.lower),
-            "prompt": jax.tree.map(lambda x: jnp.array(x, copy=True), trainable.prompt),
-            "lower_opt": lower_tx.init(trainable.lower),
-            "prompt_opt": upper_tx.init(trainable.prompt),
-            "step": jnp.asarray(0, jnp.int32),
-        }
+        state = fresh_state(lower_tx, upper_tx)
 
         def call(state, step_fn=step_fn):
             t0 = time.perf_counter()
@@ -160,6 +212,9 @@ def bench_steps(args: argparse.Namespace) -> dict:
             state, metrics, seconds = call(state)
             times.append(seconds)
         median = statistics.median(times)
+        if args.profile:
+            pieces[mode] = (build_step(trainable.graphdef, step_config(mcfg), lower_lr, upper_lr,
+                                       b1)[0], fresh_state(lower_tx, upper_tx))  # fmt: skip
         results[mode] = {
             "median_s": round(median, 4),
             "min_s": round(min(times), 4),
@@ -173,11 +228,15 @@ def bench_steps(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             save_state(Path(tmp), "latest", state, {"step": i + 1, "epoch": 0})
             saves.append(time.perf_counter() - t0)
-    return {
+    out = {
         "iteration": results,
         "checkpoint_save_s": round(statistics.median(saves), 3),
         "steps_peak_rss_gib": round(peak_rss_gib(), 3),
     }
+    if args.profile:
+        loss = make_loss_fn(trainable.graphdef, step_config(cfg))
+        out["profile"] = profile_pieces(loss, pieces, trainable, batch1, batch2, args.iterations)
+    return out
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -286,6 +345,9 @@ def report_rows(out: dict) -> list[Row]:
     for mode, result in out.get("iteration", {}).items():
         what, ref = references[mode]
         rows.append(Row(what, result["median_s"], ref))
+    for piece, p in out.get("profile", {}).items():
+        what = f"  {piece}: {p['kernels']} kernels, {p['gflop']} GFLOP, {p['gflop_per_s']} GFLOP/s"
+        rows.append(Row(what, p["median_ms"] / 1e3))
     if "checkpoint_save_s" in out:
         rows.append(Row("one checkpoint save (off the loop)", out["checkpoint_save_s"]))
     run = out.get("run", {})
