@@ -27,7 +27,8 @@ WORKER = Path(__file__).with_name("devices_worker.py")
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("devices")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out)],

@@ -92,7 +92,11 @@ def sum_argv(workdir: Path, pool: Path, *, fault: str | None = None) -> list[str
     else:
         head = [sys.executable, "-m", "amsam_jax.train"]
     argv = [*head, "--config", SMOKE, "--workdir", str(workdir)]
-    for s in ("train.steps=5", "data.eval_split=", f"data.unlabelled={pool}"):
+    # Every first prompt a point: one step kind to compile per process (the box kind's sharding
+    # is the same; tests/sum covers it).
+    sets = ("train.steps=5", "data.eval_split=", f"data.unlabelled={pool}",
+            "train.p_first_is_point=1")  # fmt: skip
+    for s in sets:
         argv += ["--set", s]
     return argv
 
