@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class Setup:
     embedder: Embedder
     preprocessing: Preprocessing
     mesh: Any = None  # the step's device mesh (`training.mesh.make_mesh`); None: one device
+    precompiling: threading.Thread | None = None  # `precompile_epoch`; joined before the loop
 
 
 def data_dir_of(cfg: FewShotConfig) -> Path:
@@ -162,9 +164,15 @@ def data_dir_of(cfg: FewShotConfig) -> Path:
     return Path(cfg.data.dir) if cfg.data.dir else bundled_synthetic_dir(cfg.data.num_classes)
 
 
-def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False, mesh=None) -> Setup:
+def build_setup(
+    cfg: FewShotConfig, workdir: Path, quiet: bool = False, mesh=None, precompile: bool = False
+) -> Setup:
     """Resolves weights, loads and caches data, builds the partitioned model and step (over
-    `mesh` when it has more than one device, docs/scale.md §2)."""
+    `mesh` when it has more than one device, docs/scale.md §2).
+
+    With `precompile` (a training run), the epoch function compiles in a background thread while
+    the image encoder computes the embeddings (`precompile_epoch`).
+    """
     say = (lambda m: None) if quiet else log
     data_dir = data_dir_of(cfg)
     pool = list_samples(data_dir, "train")  # the folder structure first: fails fast
@@ -189,10 +197,6 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False, mesh=Non
     say(f"sam: {weights}")
 
     embedder = Embedder(sam.image_encoder, weights_key)
-    for split in (d1, d2):
-        split.embedding = embedder.embed(split.image, prep.key())
-    stats = embedder.cache.stats
-    say(f"embeddings: {stats.hits} cached, {stats.misses} computed ({embedder.cache.cache_dir})")
 
     box_note = "box prompts: off (no boxes.file / boxes.detector)"
     box_file_path = cfg.boxes.file
@@ -231,10 +235,65 @@ def build_setup(cfg: FewShotConfig, workdir: Path, quiet: bool = False, mesh=Non
         "prompt_opt": upper_tx.init(trainable.prompt),
         "step": jnp.asarray(0, jnp.int32),
     }
-    return Setup(
+    setup = Setup(
         cfg, sam_cfg, weights, trainable.graphdef, trainable.frozen, initial, scfg, d1, d2,
         lower_tx, upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep, mesh,
     )  # fmt: skip
+    if precompile:
+        setup.precompiling = precompile_epoch(setup)
+    try:
+        for split in (d1, d2):
+            split.embedding = embedder.embed(split.image, prep.key())
+    except BaseException:
+        finish_precompile(setup)  # no compile left running when the error is reported
+        raise
+    stats = embedder.cache.stats
+    say(f"embeddings: {stats.hits} cached, {stats.misses} computed ({embedder.cache.cache_dir})")
+    return setup
+
+
+def precompile_epoch(setup: Setup) -> threading.Thread | None:
+    """Starts compiling the epoch function for a fresh run's first call (a full epoch, or
+    `train.checkpoint_every` iterations) in a background thread; returns it, or None where the
+    loop would not call it (ragged batches, a mesh).
+
+    Called before the embeddings exist: their shape is known, and the tracing, lowering and
+    XLA compilation (or persistent-cache load) of the epoch then overlap the image encoder. A
+    compile of the same function and argument shapes is what the loop's first call finds in
+    JAX's caches; a resumed run whose first call is shorter compiles that one itself.
+    """
+    if setup.mesh is not None:
+        return None
+    every, iters = setup.cfg.train.checkpoint_every, setup.iters_per_epoch
+    length = min(every, iters) if every else iters
+    g, c = setup.sam_cfg.grid_size, setup.sam_cfg.prompt_embed_dim
+    for split in (setup.d1, setup.d2):  # placeholders with the embeddings' shape and dtype
+        split.embedding = np.zeros((len(split.stems), g, g, c), np.float32)
+    try:
+        d1, d2 = jax.eval_shape(lambda: (lambda b: (b.d1, b.d2))(Batches.of(setup)))
+    finally:
+        setup.d1.embedding = setup.d2.embedding = None
+    if d1 is None:
+        return None
+    idx = jax.ShapeDtypeStruct((length,), jnp.int32)
+
+    def compile_epoch():
+        try:
+            setup.epoch_fn.lower(setup.initial, setup.frozen, d1, d2, idx, idx).compile()
+        except Exception:  # the loop's own call compiles and reports the error
+            pass
+
+    thread = threading.Thread(target=compile_epoch, name="precompile-epoch", daemon=True)
+    thread.start()
+    return thread
+
+
+def finish_precompile(setup: Setup) -> None:
+    """Waits for `precompile_epoch`'s thread, if any (before the loop, and before an error
+    exits: the interpreter never shuts down under a running XLA compile)."""
+    if setup.precompiling is not None:
+        setup.precompiling.join()
+        setup.precompiling = None
 
 
 def jit_steps(step, mesh) -> tuple[Any, Any]:
@@ -310,7 +369,17 @@ def train(
     )
     workdir = run.workdir
     with run.setting_up():
-        setup = build_setup(cfg, workdir, mesh=mesh)
+        # A finished run (its summary written) compiles nothing.
+        setup = build_setup(cfg, workdir, mesh=mesh, precompile=run.summary() is None)
+    try:
+        return _resume_and_train(cfg, setup, run, writer)
+    finally:
+        finish_precompile(setup)
+
+
+def _resume_and_train(cfg: FewShotConfig, setup: Setup, run: Run, writer) -> dict:
+    """`train` after its setup: restores a checkpoint if there is one, trains, finishes."""
+    workdir = run.workdir
     state = clone_state(setup.initial)
     meta = {"step": 0, "epoch": 0, "best_dice": 0.0}
     restored = run.restore(setup.initial)
@@ -426,6 +495,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
     """
     batches = Batches.of(setup)
     frozen = setup.frozen if setup.mesh is None else meshlib.replicate(setup.frozen, setup.mesh)
+    finish_precompile(setup)
     iters = setup.iters_per_epoch
     every = cfg.train.checkpoint_every
     step = int(meta["step"])

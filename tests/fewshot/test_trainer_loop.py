@@ -3,6 +3,7 @@ run, the records it writes, and the per-iteration path of runs whose batches are
 
 import dataclasses
 import json
+import threading
 
 import jax
 import pytest
@@ -68,6 +69,27 @@ def test_three_epochs_compile_the_epoch_and_the_evaluation_once(tmp_path, counte
     assert all(set(r) == ITERATION_KEYS for r in iterations)
     assert iterations[0]["step_time_s"] == iterations[1]["step_time_s"] > 0  # the call's mean
     assert [r["step"] for r in rows if r["kind"] == "epoch"] == [2, 4, 6]
+
+
+def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch):
+    """`precompile_epoch` traces and compiles the epoch while the embeddings are computed: the
+    step is traced once in the whole run, in that thread (a second trace would be the loop
+    compiling the epoch again)."""
+    traced = []
+    build_step = trainer.build_step
+
+    def counting_build_step(*args, **kwargs):
+        step, lower_tx, upper_tx = build_step(*args, **kwargs)
+
+        def counted_step(*a):
+            traced.append(threading.current_thread().name)
+            return step(*a)
+
+        return counted_step, lower_tx, upper_tx
+
+    monkeypatch.setattr(trainer, "build_step", counting_build_step)
+    summary = trainer.train(smoke(2), tmp_path / "run")
+    assert summary["steps"] == 4 and traced == ["precompile-epoch"]
 
 
 def test_checkpoint_every_splits_the_epoch_and_saves_mid_epoch(tmp_path, counted):
