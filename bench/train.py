@@ -16,7 +16,8 @@ Prints one JSON object, then a readable table (`bench/report.py`) with the machi
   embedding, the epoch function's compile, per-epoch D2 evaluation and saves. Time is attributed
   by timers wrapped around the trainer's module-level functions (an epoch is one call, so the
   first epoch holds the compile). With `--xla-cache`, `run` is the same run with an empty
-  persistent XLA cache (`cold`) and then again with the cache it filled (`warm`).
+  persistent XLA cache (`cold`), again with the cache it filled (`warm`), and a third time with
+  the embedding cache the second run filled too (`rerun`: a user's next run on the same shots).
 - peak RSS of each process (`ru_maxrss`), targets and the reference PyTorch numbers.
 """
 
@@ -264,7 +265,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
         return wrapper
 
-    for name in ("build_setup", "evaluate_fewshot", "evaluate_predictions", "run_iterations"):
+    names = ("build_setup", "finish_precompile", "evaluate_fewshot", "evaluate_predictions",
+             "run_iterations")  # fmt: skip
+    for name in names:
         setattr(trainer, name, timed(name, getattr(trainer, name)))
     run_dir.save_state = timed("save_state", run_dir.save_state)  # in the saver thread
     cfg = bench_config(args.epochs, args.shots)
@@ -286,7 +289,10 @@ def run_worker(args: argparse.Namespace) -> int:
             "setup (SAM build, data, encoder compile + embeddings)": round(
                 spent.get("build_setup", 0.0), 2
             ),
-            "first epoch (compile + its iterations)": round(first, 2),
+            "epoch compile left after setup (its background thread)": round(
+                spent.get("finish_precompile", 0.0), 2
+            ),
+            "first epoch (what is left of its compile + its iterations)": round(first, 2),
             "other epochs": round(loop - first, 2),
             "per-epoch D2 evaluation (+ final)": round(spent.get("evaluate_fewshot", 0.0), 2),
             "sample predictions": round(spent.get("evaluate_predictions", 0.0), 2),
@@ -302,11 +308,14 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_run(args: argparse.Namespace, xla_cache: Path | None) -> dict:
-    """Runs the whole-run worker in a fresh process with an empty embedding cache."""
+def bench_run(
+    args: argparse.Namespace, xla_cache: Path | None, embeddings: Path | None = None
+) -> dict:
+    """Runs the whole-run worker in a fresh process with the embedding cache `embeddings` (None:
+    an empty one)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k not in ("AMSAM_SAM", "AMSAM_XLA_CACHE")}
-        env["AMSAM_CACHE"] = str(Path(tmp) / "embeddings")
+        env["AMSAM_CACHE"] = str(embeddings or Path(tmp) / "embeddings")
         if xla_cache is not None:
             env["AMSAM_XLA_CACHE"] = str(xla_cache)
         cmd = [
@@ -361,6 +370,10 @@ def report_rows(out: dict) -> list[Row]:
         warm = run["warm"]
         rows.append(Row("whole run, warm XLA cache (ref: cold)", warm["wall_s"], cold["wall_s"],
                         ours_rss=int(warm["peak_rss_gib"] * GIB)))  # fmt: skip
+    if "rerun" in run:
+        rerun = run["rerun"]
+        rows.append(Row("  rerun, embeddings cached too (ref: cold)", rerun["wall_s"],
+                        cold["wall_s"], ours_rss=int(rerun["peak_rss_gib"] * GIB)))  # fmt: skip
     return rows
 
 
@@ -382,25 +395,28 @@ def main(argv: list[str] | None = None) -> int:
             f"epochs={args.epochs}, checkpoint_every=0, cold embedding cache"
         )
         if args.xla_cache:
-            with tempfile.TemporaryDirectory() as xla:
+            with tempfile.TemporaryDirectory() as xla, tempfile.TemporaryDirectory() as emb:
                 cold = bench_run(args, Path(xla))
-                warm = bench_run(args, Path(xla))
-            out["run"] = {"config": config + ", persistent XLA cache: empty, then filled",
-                          "cold": cold, "warm": warm}  # fmt: skip
+                warm = bench_run(args, Path(xla), Path(emb))  # fills the embedding cache
+                rerun = bench_run(args, Path(xla), Path(emb))
+            out["run"] = {"config": config + ", persistent XLA cache: empty, then filled; "
+                          "rerun: both caches filled", "cold": cold, "warm": warm,
+                          "rerun": rerun}  # fmt: skip
         else:
             out["run"] = {"config": config + ", no persistent XLA cache",
                           **bench_run(args, None)}  # fmt: skip
     exact = out.get("iteration", {}).get("exact", {}).get("median_s")
     run = out.get("run", {})
     cold = run.get("cold", run if "wall_s" in run else None)
-    warm = run.get("warm")
-    rss = [out.get("steps_peak_rss_gib")] + [r["peak_rss_gib"] for r in (cold, warm) if r]
+    warm, rerun = run.get("warm"), run.get("rerun")
+    rss = [out.get("steps_peak_rss_gib")] + [r["peak_rss_gib"] for r in (cold, warm, rerun) if r]
     rss = [v for v in rss if v]
     out["targets"] = {
         **TARGETS,
         "exact_met": None if exact is None else exact <= TARGETS["exact_s_per_iteration"],
         "run_met": None if not cold else cold["wall_s"] <= TARGETS["run_s"],
         "warm_run_met": None if not warm else warm["wall_s"] <= TARGETS["warm_run_s"],
+        "rerun_met": None if not rerun else rerun["wall_s"] <= TARGETS["warm_run_s"],
         "rss_met": None if not rss else max(rss) <= TARGETS["peak_rss_gib"],
     }
     out["reference"] = REFERENCE
