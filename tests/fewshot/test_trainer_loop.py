@@ -71,10 +71,12 @@ def test_three_epochs_compile_the_epoch_and_the_evaluation_once(tmp_path, counte
     assert [r["step"] for r in rows if r["kind"] == "epoch"] == [2, 4, 6]
 
 
-def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_type", ["tiny", "tiny_vit"])  # ViT and TinyViT embedding grids
+def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch,
+                                                                   model_type):  # fmt: skip
     """`precompile_epoch` traces and compiles the epoch while the embeddings are computed: the
     step is traced once in the whole run, in that thread (a second trace would be the loop
-    compiling the epoch again)."""
+    compiling the epoch again, e.g. for embeddings of another shape than it assumed)."""
     traced = []
     build_step = trainer.build_step
 
@@ -88,7 +90,9 @@ def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, mon
         return counted_step, lower_tx, upper_tx
 
     monkeypatch.setattr(trainer, "build_step", counting_build_step)
-    summary = trainer.train(smoke(2), tmp_path / "run")
+    cfg = smoke(2)
+    cfg = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, model_type=model_type))
+    summary = trainer.train(cfg, tmp_path / "run")
     assert summary["steps"] == 4 and traced == ["precompile-epoch"]
 
 
