@@ -267,12 +267,17 @@ def precompile_epoch(setup: Setup) -> threading.Thread | None:
     every, iters = setup.cfg.train.checkpoint_every, setup.iters_per_epoch
     length = min(every, iters) if every else iters
     g, c = setup.sam_cfg.grid_size, setup.sam_cfg.prompt_embed_dim
-    for split in (setup.d1, setup.d2):  # placeholders with the embeddings' shape and dtype
-        split.embedding = np.zeros((len(split.stems), g, g, c), np.float32)
-    try:
-        d1, d2 = jax.eval_shape(lambda: (lambda b: (b.d1, b.d2))(Batches.of(setup)))
-    finally:
-        setup.d1.embedding = setup.d2.embedding = None
+
+    def shaped(split: Split) -> Split:  # a placeholder with the embeddings' shape and dtype
+        return dataclasses.replace(
+            split, embedding=np.zeros((len(split.stems), g, g, c), np.float32)
+        )
+
+    def stacked_batches():
+        batches = Batches.of(dataclasses.replace(setup, d1=shaped(setup.d1), d2=shaped(setup.d2)))
+        return batches.d1, batches.d2
+
+    d1, d2 = jax.eval_shape(stacked_batches)
     if d1 is None:
         return None
     idx = jax.ShapeDtypeStruct((length,), jnp.int32)
