@@ -3,7 +3,7 @@ and a dataset of cached embeddings; one jitted call over a chunk of images (each
 as the reference), host accumulation."""
 
 import dataclasses
-from functools import partial
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +12,13 @@ from flax import nnx
 
 from amsam_jax.evaluation.metrics import dice_per_class, iou_per_class, upsample_nearest
 from amsam_jax.fewshot.blo import StepConfig, forward
+from amsam_jax.utils.runtime import decoder_program_options
 
 # Images per jitted call: a set up to this size is one call; a larger one goes in chunks of this
 # size, the last padded (each image is its own batch of 1, so padding changes no other result).
 CHUNK = 64
 
 
-@partial(jax.jit, static_argnums=(0, 1))
 def _predict(graphdef, cfg: StepConfig, lower, prompt, frozen, embeddings, boxes, box_valid=None):
     """Logits (N, n, L, L) and argmax (N, L, L) of N images, one batch-1 forward each (with
     (N, M, 4) boxes and (N, M) `box_valid`, the image's M boxes merged, docs/fewshot.md §6.4)."""
@@ -34,6 +34,12 @@ def _predict(graphdef, cfg: StepConfig, lower, prompt, frozen, embeddings, boxes
     return jax.lax.map(one, (embeddings, boxes, box_valid))
 
 
+@cache
+def _predict_jit():
+    """`_predict` jitted on first use (its XLA options ask for the backend)."""
+    return jax.jit(_predict, static_argnums=(0, 1), compiler_options=decoder_program_options())
+
+
 def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData"):
     """(argmax predictions (N, L, L) on the host, number of classes) of every image of `data`."""
     n = len(data.stems)
@@ -45,7 +51,7 @@ def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData
         rows = np.arange(start, start + size) % n  # the last chunk padded with the first images
         boxes = None if data.boxes is None else jnp.asarray(data.boxes[rows])
         valid = None if data.box_valid is None else jnp.asarray(data.box_valid[rows])
-        logits, pred = _predict(
+        logits, pred = _predict_jit()(
             graphdef, cfg, state["lower"], state["prompt"], frozen,
             jnp.asarray(data.embedding[rows]), boxes, valid,
         )  # fmt: skip

@@ -21,6 +21,7 @@ from amsam_jax.fewshot.lora import LOWER, PromptParam
 from amsam_jax.fewshot.losses import segmentation_loss
 from amsam_jax.training.mesh import replicated_outputs
 from amsam_jax.training.prompt_decoder import PromptDecoder
+from amsam_jax.utils.runtime import decoder_program_options
 
 
 class BoxResidual(nnx.Module):
@@ -300,7 +301,11 @@ def make_step(
         state = {"lower", "prompt", "lower_opt", "prompt_opt", "step"} is donated.
     """
     step, lower_tx, upper_tx = build_step(graphdef, cfg, lower_lr, upper_lr, lower_b1)
-    return jax.jit(step, donate_argnums=0), lower_tx, upper_tx
+    return (
+        jax.jit(step, donate_argnums=0, compiler_options=decoder_program_options()),
+        lower_tx,
+        upper_tx,
+    )
 
 
 def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
@@ -330,7 +335,12 @@ def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
 
         return jax.lax.scan(body, state, (idx1, idx2))
 
-    return jax.jit(epoch, donate_argnums=0, **replicated_outputs(mesh))
+    return jax.jit(
+        epoch,
+        donate_argnums=0,
+        compiler_options=decoder_program_options(),
+        **replicated_outputs(mesh),
+    )
 
 
 def darts_fd_hypergradient(

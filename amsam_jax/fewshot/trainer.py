@@ -62,6 +62,7 @@ from amsam_jax.training.run import (
 )
 from amsam_jax.training.sam import resolve_sam
 from amsam_jax.training.state import clone_state, restore_state
+from amsam_jax.utils.runtime import decoder_program_options
 
 CHECKPOINT_KINDS = ("latest", "best", "final")
 
@@ -304,10 +305,9 @@ def finish_precompile(setup: Setup) -> None:
 def jit_steps(step, mesh) -> tuple[Any, Any]:
     """(one iteration per call, a run of iterations per call) of the unjitted `step`; over a
     `mesh`, both return the state and metrics replicated (None: the single-device functions)."""
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0), make_epoch(step)
-    out = meshlib.replicated_outputs(mesh)
-    return jax.jit(step, donate_argnums=0, **out), make_epoch(step, mesh)
+    out = {} if mesh is None else meshlib.replicated_outputs(mesh)
+    options = decoder_program_options()
+    return jax.jit(step, donate_argnums=0, compiler_options=options, **out), make_epoch(step, mesh)
 
 
 def check_batches_divide(cfg: FewShotConfig, n1: int, n2: int, mesh) -> None:

@@ -33,6 +33,7 @@ from amsam_jax.fewshot.lora import apply_lora, mark_trainable
 from amsam_jax.fewshot.trainer import schedules
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from amsam_jax.training.state import restore_state, save_state
+from amsam_jax.utils.runtime import decoder_program_options
 
 TINY = SamConfig.tiny(num_multimask_outputs=1)
 TOTAL = 200  # T for N = 4, B = 1, E = 100
@@ -198,7 +199,8 @@ def test_epoch_scan_equals_one_jitted_step_per_iteration_bitwise(model, f32, hyp
     lower_lr, upper_lr, b1 = CLEAN
     cfg = StepConfig(hypergradient=hypergradient)
     raw, _, _ = build_step(model.graphdef, cfg, lower_lr, upper_lr, b1)
-    step, epoch = jax.jit(raw, donate_argnums=0), make_epoch(raw)
+    options = decoder_program_options()  # the same XLA options as make_epoch's
+    step, epoch = jax.jit(raw, donate_argnums=0, compiler_options=options), make_epoch(raw)
     b = f32["batches"]
     data = jax.tree.map(lambda *xs: jnp.stack(xs), *b)  # (6, 1, ...)
     idx1, idx2 = np.array([0, 2, 4, 0, 2], np.int32), np.array([1, 3, 5, 3, 1], np.int32)

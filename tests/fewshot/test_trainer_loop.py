@@ -37,19 +37,19 @@ def counted(monkeypatch) -> dict:
 
     make_epoch = trainer.make_epoch
 
-    def recording_make_epoch(step):
-        seen["epoch"] = make_epoch(step)
+    def recording_make_epoch(step, mesh=None):
+        seen["epoch"] = make_epoch(step, mesh)
         return seen["epoch"]
 
     monkeypatch.setattr(trainer, "build_step", recording_build_step)
     monkeypatch.setattr(trainer, "make_epoch", recording_make_epoch)
-    predict = evaluation._predict.__wrapped__
+    predict = evaluation._predict
 
     def fresh_predict(*args):  # a new function object: jit caches are per function, and other
         return predict(*args)  # tests compile `_predict` for other shapes in this process
 
     seen["predict"] = jax.jit(fresh_predict, static_argnums=(0, 1))
-    monkeypatch.setattr(evaluation, "_predict", seen["predict"])
+    monkeypatch.setattr(evaluation, "_predict_jit", lambda: seen["predict"])
     return seen
 
 
