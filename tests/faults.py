@@ -3,13 +3,15 @@
 SPEC is `module:Qualified.name:N:when[:arg]`: the process SIGKILLs itself (or, with `when`
 `sigint`, sends itself SIGINT and carries on) at the N-th call of that function, `before` or
 `after` the call (`sigint` acts after it), counting only calls that have `arg` among their
-positional arguments when given. Examples:
+positional arguments when given. With `when` `nan` the N-th call returns as a diverged step's: its
+result is (state, metrics) and every metric comes back NaN. Examples:
 
     amsam_jax.training.run:Run.save:1:after:best      killed right after the first `best` save
     amsam_jax.training.run:Run.write_summary:1:before killed after `final`, before the summary
     orbax.checkpoint._src.path.atomicity:AtomicRenameTemporaryPath.finalize:2:before
                                                       killed mid-save: files written, not renamed
     amsam_jax.training.run:JsonlWriter.write:3:sigint Ctrl-C after the third metrics line
+    amsam_jax.fewshot.trainer:run_iterations:2:nan    the second epoch's iterations diverge
 
 The CLI is `amsam_jax.train` unless ARGS start with `-m MODULE`. The kill/resume tests use it to
 kill at chosen moments instead of after a sleep, so each moment is hit every time.
@@ -20,6 +22,8 @@ import importlib
 import os
 import signal
 import sys
+
+import numpy as np
 
 
 def install(spec: str) -> None:
@@ -45,6 +49,9 @@ def install(spec: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if hit and when == "sigint":
             os.kill(os.getpid(), signal.SIGINT)
+        if hit and when == "nan":
+            state, metrics = result
+            return state, {k: np.full_like(v, np.nan, dtype=float) for k, v in metrics.items()}
         return result
 
     setattr(owner, name, wrapper)
