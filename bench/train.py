@@ -18,6 +18,9 @@ Prints one JSON object, then a readable table (`bench/report.py`) with the machi
   first epoch holds the compile). With `--xla-cache`, `run` is the same run with an empty
   persistent XLA cache (`cold`), again with the cache it filled (`warm`), and a third time with
   the embedding cache the second run filled too (`rerun`: a user's next run on the same shots).
+- `profile` (`--profile`): each piece of the step compiled alone with the trainer's XLA options,
+  and for the steps the thread time per call by kind of XLA:CPU kernel (`kernel_classes`: YNNPACK
+  kernels with and without a dot, other dots, XLA's own loops), from a `jax.profiler` trace.
 - peak RSS of each process (`ru_maxrss`), targets and the reference PyTorch numbers.
 """
 
@@ -76,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also time the step's pieces (forward, gradients, steps) with kernel and FLOP counts",
+        help="also time the step's pieces (forward, gradients, steps) with kernel and FLOP counts, "
+        "and the steps' thread time by kind of kernel (a jax.profiler trace)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=("run",), help=argparse.SUPPRESS)
@@ -105,16 +109,61 @@ def bench_config(epochs: int, shots: int):
     )
 
 
-def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) -> dict:
-    """Each piece of a bi-level step compiled alone: its XLA kernel count (fusions and dots of the
-    compiled entry computation), GFLOP (XLA's cost analysis) and median milliseconds, so the
-    achieved GFLOP/s shows whether a piece is bound by arithmetic or by per-kernel cost."""
+def kernel_classes(compiled, call, calls: int = 5) -> dict:
+    """Thread milliseconds per call by kind of XLA:CPU kernel, from a `jax.profiler` trace of
+    `calls` calls, its events joined by name to the compiled module's instructions: YNNPACK
+    kernels with a dot, YNNPACK kernels without one (elementwise, reductions), other dots, and
+    XLA's own loop fusions and the rest."""
+    import glob
+    import gzip
     import re
 
     import jax
 
-    def piece(fn, *a):
-        compiled = jax.jit(fn).lower(*a).compile()
+    text = compiled.as_text()
+    bodies = dict(re.findall(r"\n%?([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", text, re.S))
+    kind = {}
+    for name, rest in re.findall(r"%([\w.\-]+) = \S+ ((?:fusion|dot)\(.*)", text):
+        callee = re.search(r"calls=%([\w.\-]+)", rest)
+        if "kind=kCustom" in rest and callee:
+            has_dot = " dot(" in bodies.get(callee.group(1), "")
+            kind[name] = "YNNPACK, with a dot" if has_dot else "YNNPACK, no dot"
+        elif rest.startswith("dot("):
+            kind[name] = "other dots"
+        else:
+            kind[name] = "XLA loops and other"
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(calls):
+            jax.block_until_ready(call())
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+        events = json.load(gzip.open(path))["traceEvents"]
+    out: dict[str, dict] = {}
+    for event in events:
+        k = kind.get(event.get("name")) if event.get("ph") == "X" else None
+        if k is not None:
+            row = out.setdefault(k, {"kernels": 0, "thread_ms": 0.0})
+            row["kernels"] += 1
+            row["thread_ms"] += event.get("dur", 0) / 1e3
+    per_call = {k: {"kernels": round(v["kernels"] / calls), "thread_ms": v["thread_ms"] / calls}
+                for k, v in sorted(out.items())}  # fmt: skip
+    return {k: {**v, "thread_ms": round(v["thread_ms"], 2)} for k, v in per_call.items()}
+
+
+def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) -> dict:
+    """Each piece of a bi-level step compiled alone, with the trainer's XLA options: its XLA kernel
+    count (fusions and dots of the compiled entry computation), GFLOP (XLA's cost analysis) and
+    median milliseconds, so the achieved GFLOP/s shows whether a piece is bound by arithmetic or
+    by per-kernel cost; the steps also with `kernel_classes`."""
+    import re
+
+    import jax
+
+    from amsam_jax.utils.runtime import decoder_program_options
+
+    def piece(fn, *a, classes=False):
+        compiled = jax.jit(fn, compiler_options=decoder_program_options()).lower(*a).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         text = compiled.as_text()
@@ -129,8 +178,11 @@ def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) ->
             times.append(time.perf_counter() - t0)
         ms = 1e3 * statistics.median(times)
         gflop = cost.get("flops", 0.0) / 1e9
-        return {"kernels": kernels, "gflop": round(gflop, 3), "median_ms": round(ms, 2),
-                "gflop_per_s": round(gflop / (ms / 1e3), 1)}  # fmt: skip
+        out = {"kernels": kernels, "gflop": round(gflop, 3), "median_ms": round(ms, 2),
+               "gflop_per_s": round(gflop / (ms / 1e3), 1)}  # fmt: skip
+        if classes:
+            out["kernel_classes"] = kernel_classes(compiled, lambda: compiled(*a))
+        return out
 
     args = (trainable.lower, trainable.prompt, trainable.frozen, batch1)
     out = {
@@ -138,7 +190,7 @@ def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) ->
         "lower gradient": piece(jax.grad(loss, argnums=0), *args),
     }
     for mode, (step, state) in step_of.items():
-        out[f"step {mode}"] = piece(step, state, trainable.frozen, batch1, batch2)
+        out[f"step {mode}"] = piece(step, state, trainable.frozen, batch1, batch2, classes=True)
     return out
 
 
@@ -357,6 +409,9 @@ def report_rows(out: dict) -> list[Row]:
     for piece, p in out.get("profile", {}).items():
         what = f"  {piece}: {p['kernels']} kernels, {p['gflop']} GFLOP, {p['gflop_per_s']} GFLOP/s"
         rows.append(Row(what, p["median_ms"] / 1e3))
+        for kind, c in p.get("kernel_classes", {}).items():
+            what = f"    {kind}: {c['kernels']} kernels (thread time)"
+            rows.append(Row(what, c["thread_ms"] / 1e3))
     if "checkpoint_save_s" in out:
         rows.append(Row("one checkpoint save (off the loop)", out["checkpoint_save_s"]))
     run = out.get("run", {})
