@@ -146,9 +146,10 @@ def kernel_classes(compiled, call, calls: int = 5) -> dict:
             row = out.setdefault(k, {"kernels": 0, "thread_ms": 0.0})
             row["kernels"] += 1
             row["thread_ms"] += event.get("dur", 0) / 1e3
-    per_call = {k: {"kernels": round(v["kernels"] / calls), "thread_ms": v["thread_ms"] / calls}
-                for k, v in sorted(out.items())}  # fmt: skip
-    return {k: {**v, "thread_ms": round(v["thread_ms"], 2)} for k, v in per_call.items()}
+    return {
+        k: {"kernels": round(v["kernels"] / calls), "thread_ms": round(v["thread_ms"] / calls, 2)}
+        for k, v in sorted(out.items())
+    }
 
 
 def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) -> dict:
