@@ -24,6 +24,7 @@ from amsam_jax.pretrained import PRETRAINED
 from amsam_jax.pretrained import load as load_pretrained
 from amsam_jax.sum.pseudo_labels import label_folder, pending_images
 from amsam_jax.training import mesh
+from amsam_jax.training.supervisor import supervised
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.errors import AmsamError
 from amsam_jax.utils.image import list_images, max_image_pixels
@@ -46,6 +47,10 @@ AMG_SETTINGS = (
 
 class UsageError(AmsamError):
     """A bad command-line setting; one line naming the flag."""
+
+
+# The end of the one line a survivor prints when another process of the run dies.
+PEER_HINT = "images already labelled are kept; run it again to label the rest"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -151,7 +156,6 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hint = "images already labelled are kept; run it again to label the rest"
 
     def body() -> int:
         mesh.initialize()
@@ -160,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1 if errors else 0
 
-    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
+    return guarded(mesh.stop_on_peer_failure(body, PEER_HINT), PEER_HINT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(supervised(main, PEER_HINT))

@@ -20,8 +20,12 @@ from amsam_jax.sum.config import SumConfig
 from amsam_jax.sum.trainer import train_sum
 from amsam_jax.training import mesh
 from amsam_jax.training.config import apply_overrides, load_config
+from amsam_jax.training.supervisor import supervised
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.runtime import enable_compilation_cache
+
+# The end of the one line a survivor prints when another process of the run dies.
+PEER_HINT = "run the same command again to resume from the last checkpoint"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
-    hint = "run the same command again to resume from the last checkpoint"
 
     def body() -> int:
         mesh.initialize()
@@ -56,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
         return 0
 
-    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
+    return guarded(mesh.stop_on_peer_failure(body, PEER_HINT), PEER_HINT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(supervised(main, PEER_HINT))

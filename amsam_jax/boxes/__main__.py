@@ -17,9 +17,13 @@ import sys
 from amsam_jax.boxes.box_file import FALLBACKS, SPLITS, compute_box_file, list_split_images
 from amsam_jax.boxes.detector import POLICIES, BoxError, YoloDetector
 from amsam_jax.training import mesh
+from amsam_jax.training.supervisor import supervised
 from amsam_jax.utils.cli import guarded
 from amsam_jax.utils.image import max_image_pixels
 from amsam_jax.utils.io import check_output_file
+
+# The end of the one line a survivor prints when another process of the run dies.
+PEER_HINT = "images already done are kept in the box file; run it again to resume"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +65,6 @@ def check_settings(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    hint = "images already done are kept in the box file; run it again to resume"
-
     def body() -> int:
         mesh.initialize()
         check_settings(args)
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   "--set boxes.max_per_image=M (docs/fewshot.md §6.4)")  # fmt: skip
         return 0
 
-    return guarded(mesh.stop_on_peer_failure(body, hint), hint)
+    return guarded(mesh.stop_on_peer_failure(body, PEER_HINT), PEER_HINT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(supervised(main, PEER_HINT))

@@ -40,6 +40,7 @@ ENV_INIT_TIMEOUT = "AMSAM_INIT_TIMEOUT_S"
 HEARTBEAT_TIMEOUT_S = 60  # a dead peer is declared dead after this long without heartbeats
 INIT_TIMEOUT_S = 300
 EXIT_PEER_FAILED = 3
+PEER_FAILED = "another process of this run stopped or cannot be reached"  # the one line's words
 # Messages of the runtime errors a dead or unreachable peer causes in this process: a Gloo
 # collective whose TCP pair was reset, a coordination-service barrier or heartbeat failure.
 _PEER_FAILURE = (
@@ -74,6 +75,19 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise MeshError(name, f"must be an integer, got {value!r}") from None
 
 
+def joins_processes() -> bool:
+    """Whether the environment asks this process to join a multi-process run (`initialize`).
+
+    Raises:
+        MeshError: an invalid `AMSAM_DISTRIBUTED`.
+    """
+    mode = os.environ.get(ENV_MODE, "")
+    if mode not in ("", "auto", "off"):
+        raise MeshError(ENV_MODE, f"must be 'auto' or 'off', got {mode!r}")
+    slurm = (_env_int("SLURM_NTASKS", 1) or 1) > 1 and "SLURM_JOB_ID" in os.environ
+    return mode != "off" and bool(os.environ.get(ENV_ADDRESS) or mode == "auto" or slurm)
+
+
 def initialize() -> bool:
     """Joins the processes of a multi-process run (see the module docstring); call it first.
 
@@ -90,13 +104,9 @@ def initialize() -> bool:
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    address = os.environ.get(ENV_ADDRESS) or None
-    mode = os.environ.get(ENV_MODE, "")
-    if mode not in ("", "auto", "off"):
-        raise MeshError(ENV_MODE, f"must be 'auto' or 'off', got {mode!r}")
-    slurm = (_env_int("SLURM_NTASKS", 1) or 1) > 1 and "SLURM_JOB_ID" in os.environ
-    if mode == "off" or not (address or mode == "auto" or slurm):
+    if not joins_processes():
         return False
+    address = os.environ.get(ENV_ADDRESS) or None
     kwargs: dict[str, Any] = {
         "heartbeat_timeout_seconds": _env_int(ENV_HEARTBEAT, HEARTBEAT_TIMEOUT_S),
         "initialization_timeout": _env_int(ENV_INIT_TIMEOUT, INIT_TIMEOUT_S),
@@ -205,8 +215,8 @@ def stop_on_peer_failure(body: Callable[[], int], hint: str) -> Callable[[], int
             if not is_peer_failure(e):
                 raise
             print(
-                f"error: process {jax.process_index()}: another process of this run stopped or "
-                f"cannot be reached ({first_line(e)[:200]}); {hint}",
+                f"error: process {jax.process_index()}: {PEER_FAILED} ({first_line(e)[:200]}); "
+                f"{hint}",
                 file=sys.stderr,
                 flush=True,
             )
