@@ -142,7 +142,7 @@ def adapt_sam(model: Sam, cfg: SamConfig, reinit_heads: bool = False, seed: int 
             )
     if errors:
         raise CheckpointError("cannot adapt SAM: " + "; ".join(errors))
-    flat = [(p, v.replace(jnp.asarray(values[p]))) for p, v in flat_target]
+    flat = [(p, v.replace(jax.device_put(values[p]))) for p, v in flat_target]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -405,7 +405,8 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
             bad.append(name)
     if bad:
         raise CheckpointError(params_path, f"non-finite values in {', '.join(bad[:5])}")
-    filled = [(path, var.replace(jnp.asarray(values[_dotted(path)]))) for path, var in flat]
+    # device_put, not jnp.asarray (one XLA compile per distinct shape, see build_sam)
+    filled = [(path, var.replace(jax.device_put(values[_dotted(path)]))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -85,7 +85,7 @@ def from_named(template, named: dict, where: str = "checkpoint"):
                 f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}"
             )
             continue
-        out.append(jnp.asarray(value))
+        out.append(jax.device_put(value))  # not jnp.asarray: no compile per shape
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise StateError(

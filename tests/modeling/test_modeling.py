@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from amsam_jax import SamConfig, SamPredictor, build_sam
+from amsam_jax.build_sam import _construct, abstract_sam
 from amsam_jax.checkpoint import resize_pos_embed, resize_rel_pos
 from amsam_jax.modeling.common import (
     ConvTranspose2x2,
@@ -25,6 +26,23 @@ from amsam_jax.utils.transforms import ResizeLongestSide
 @pytest.fixture(scope="module")
 def tiny():
     return build_sam(SamConfig.tiny(), seed=0)
+
+
+@pytest.mark.parametrize("model_type", ["tiny", "litemedsam", "tiny_vit"])
+def test_abstract_sam_without_rng_streams_has_the_graph_and_shapes_of_nnx_rngs(model_type):
+    """`abstract_sam` draws every parameter from one fixed key instead of `nnx.Rngs` (its
+    quadratic tracing): the same modules, variable types, shapes and dtypes."""
+    cfg = SamConfig.preset(model_type)
+    expected = nnx.split(nnx.eval_shape(lambda: _construct(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_sam(cfg))
+    assert graphdef == expected[0]
+
+    def spec(x):
+        return type(x).__name__, x.shape, x.dtype
+
+    flat = [(path, spec(v)) for path, v in nnx.to_flat_state(state)]
+    assert flat == [(path, spec(v)) for path, v in nnx.to_flat_state(expected[1])]
+    assert len(flat) > 50
 
 
 def test_gelu_is_exact_erf_form_not_tanh():
