@@ -61,7 +61,7 @@ from amsam_jax.training.run import (
     read_run_config,
 )
 from amsam_jax.training.sam import resolve_sam
-from amsam_jax.training.state import clone_state, restore_state
+from amsam_jax.training.state import clone_state, init_optimizer, restore_state
 from amsam_jax.utils.runtime import decoder_program_options
 
 CHECKPOINT_KINDS = ("latest", "best", "final")
@@ -232,8 +232,8 @@ def build_setup(
     initial = {
         "lower": trainable.lower,
         "prompt": trainable.prompt,
-        "lower_opt": lower_tx.init(trainable.lower),
-        "prompt_opt": upper_tx.init(trainable.prompt),
+        "lower_opt": init_optimizer(lower_tx, trainable.lower),
+        "prompt_opt": init_optimizer(upper_tx, trainable.prompt),
         "step": jnp.asarray(0, jnp.int32),
     }
     setup = Setup(

@@ -41,7 +41,7 @@ from amsam_jax.sum.step import decode, round_loss, split_sum_model
 from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from amsam_jax.training.run import Run, TrainError, log
-from amsam_jax.training.state import clone_state
+from amsam_jax.training.state import clone_state, init_optimizer
 from amsam_jax.utils.image import read_image
 from amsam_jax.utils.io import atomic_directory
 
@@ -113,7 +113,8 @@ def train_refiner(
     t = split_sum_model(sam)
     tx = optax.adam(r.lr)
     step_fn = make_refiner_step(t.graphdef, tx)
-    initial = {"params": t.params, "opt": tx.init(t.params), "step": jnp.asarray(0, jnp.int32)}
+    opt = init_optimizer(tx, t.params)
+    initial = {"params": t.params, "opt": opt, "step": jnp.asarray(0, jnp.int32)}
     state = clone_state(initial)
     sam_params = clone_state(t.params)
     it = 0

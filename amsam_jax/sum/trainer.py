@@ -48,7 +48,7 @@ from amsam_jax.training.embedder import Embedder
 from amsam_jax.training.prompt_decoder import PromptDecoder
 from amsam_jax.training.run import JsonlWriter, MemoryWriter, Run, TrainError, log
 from amsam_jax.training.sam import resolve_sam
-from amsam_jax.training.state import clone_state
+from amsam_jax.training.state import clone_state, init_optimizer
 from amsam_jax.utils.image import list_images
 from amsam_jax.utils.io import atomic_directory, write_json
 
@@ -183,8 +183,8 @@ def build_sum_setup(cfg: SumConfig, workdir: Path, quiet: bool = False) -> SumSe
     initial = {
         "params": trainable.params,
         "task": trainable.task,
-        "params_opt": params_tx.init(trainable.params),
-        "task_opt": task_tx.init(trainable.task),
+        "params_opt": init_optimizer(params_tx, trainable.params),
+        "task_opt": init_optimizer(task_tx, trainable.task),
         "step": jnp.asarray(0, jnp.int32),
     }
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable.params))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -95,8 +94,19 @@ def from_named(template, named: dict, where: str = "checkpoint"):
 
 
 def clone_state(state):
-    """A copy of a state's arrays that survives donation of the original buffers."""
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+    """A copy of a state's arrays that survives donation of the original buffers.
+
+    `jax.device_put(..., may_alias=False)` copies buffer to buffer; `jnp.array(x, copy=True)`
+    would compile one small XLA program per distinct shape first (~15 ms each on 2 CPU cores).
+    """
+    return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), state)
+
+
+def init_optimizer(tx, params):
+    """`tx.init(params)` as one jitted program. Run eagerly, Optax's per-leaf `zeros_like`
+    compiles one small XLA program per distinct parameter shape (~35 ms each on 2 CPU cores):
+    0.5 s for the few-shot state, more for SUM's decoder. The values are the same."""
+    return jax.jit(tx.init)(params)
 
 
 def host_copy(state):

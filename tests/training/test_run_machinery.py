@@ -15,6 +15,7 @@ from amsam_jax.training.state import (
     StateError,
     clone_state,
     from_named,
+    init_optimizer,
     restore_state,
     save_state,
     saved_step,
@@ -37,6 +38,21 @@ def make_state():
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
     _, opt = tx.update(grads, opt, params)  # non-trivial moments and count
     return {"params": params, "opt": opt, "step": jnp.asarray(3, jnp.int32)}
+
+
+def test_init_optimizer_and_clone_state_give_the_eager_values_in_new_buffers():
+    params = nnx.state(Tiny(), nnx.Param)
+    tx = optax.adamw(1e-3)
+    jitted, eager = init_optimizer(tx, params), tx.init(params)
+    assert jax.tree.structure(jitted) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    state = make_state()
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(state)]
+    clone = clone_state(state)
+    jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)
+    for x, kept in zip(jax.tree.leaves(clone), before, strict=True):
+        assert np.array_equal(np.asarray(x), kept)  # the clone survived the donation
 
 
 def test_named_leaves_are_paths_not_positions():
