@@ -12,7 +12,8 @@ meets the abort instead, and which comes first is a race.
 multi-process run (and `main()` directly otherwise). The parent forwards the child's stderr as
 it comes, holding back JAX's fatal message and the stack trace after it; if the child then
 aborts, the parent prints the one line and exits with status 3, as a survivor that saw the reset
-connection does. Any other end is passed on: the child's exit status, or its death by a signal
+connection does (if the child printed that line itself before the abort took it, only its line
+is kept). Any other end is passed on: the child's exit status, or its death by a signal
 (the parent kills itself with the same one). SIGINT, SIGTERM and SIGHUP sent to the parent are
 forwarded to the child, which runs in its own process group so a terminal's Ctrl-C reaches it
 once; on Linux the child dies with the parent.
@@ -85,7 +86,13 @@ def run_child(argv: list[str], hint: str) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if fatal and code < 0:
+    if fatal:
+        # The child may still have printed its own one line (a collective failed while JAX's
+        # abort was under way) and exited: that line stays, JAX's message and trace go.
+        own = [line for line in fatal.splitlines(keepends=True) if line.startswith(b"error:")]
+        if code >= 0 and own:
+            _write(b"".join(own))
+            return code
         index = os.environ.get(mesh.ENV_PROCESS_ID) or os.environ.get("SLURM_PROCID") or "?"
         print(
             f"error: process {index}: {mesh.PEER_FAILED} (JAX coordination service: "
@@ -93,9 +100,7 @@ def run_child(argv: list[str], hint: str) -> int:
             file=sys.stderr,
             flush=True,
         )
-        return mesh.EXIT_PEER_FAILED
-    if fatal:
-        _write(fatal)
+        return code if code > 0 else mesh.EXIT_PEER_FAILED
     if code < 0:  # the child died by a signal: so does the parent
         with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP keep their default
             signal.signal(-code, signal.SIG_DFL)

@@ -79,6 +79,18 @@ def supervised_alone(action: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
 
 
+def test_jax_fatal_message_gives_way_to_one_line_whether_the_child_aborts_or_exits():
+    aborted = supervised_alone("fatal:abort")
+    assert aborted.returncode == EXIT_PEER_FAILED
+    assert aborted.stderr.startswith("before\n") and aborted.stderr.count("\n") == 2
+    one_line(aborted.stderr)
+    assert "stopped sending heartbeats): 1" in aborted.stderr  # the status, on the one line
+    exited = supervised_alone("fatal:exit")
+    assert exited.returncode == EXIT_PEER_FAILED and exited.stderr.startswith("before\n")
+    one_line(exited.stderr)
+    assert "(Gloo)" in exited.stderr  # the child's own line, not the parent's
+
+
 def test_the_child_exit_status_signal_and_stderr_pass_through():
     assert supervised_alone("exit:7").returncode == 7
     assert supervised_alone(f"signal:{int(signal.SIGTERM)}").returncode == -signal.SIGTERM
