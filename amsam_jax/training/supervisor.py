@@ -36,8 +36,12 @@ _FORWARDED = tuple(
 
 
 def needs_parent() -> bool:
-    """Whether this command joins a multi-process run and is not already the supervised child."""
-    return os.environ.get(ENV_CHILD) != "1" and mesh.joins_processes()
+    """Whether this command joins a multi-process run and is not already the supervised child.
+    An invalid setting is not one: the command itself reports it in one line."""
+    try:
+        return os.environ.get(ENV_CHILD) != "1" and mesh.joins_processes()
+    except mesh.MeshError:
+        return False
 
 
 def _child_setup() -> None:
@@ -110,9 +114,13 @@ def run_child(argv: list[str], hint: str) -> int:
 
 
 def _write(data: bytes) -> None:
-    if data:
+    """The child's bytes to this process's stderr, all of them (a pipe may take part of a
+    write); a closed stderr drops them, and the child is still read to its end."""
+    with contextlib.suppress(OSError):
         sys.stderr.flush()
-        os.write(sys.stderr.fileno(), data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(sys.stderr.fileno(), view) :]
 
 
 def supervised(main: Callable[[], int], hint: str) -> int:

@@ -93,6 +93,11 @@ def test_jax_fatal_message_gives_way_to_one_line_whether_the_child_aborts_or_exi
 
 def test_the_child_exit_status_signal_and_stderr_pass_through():
     assert supervised_alone("exit:7").returncode == 7
+    env = {**os.environ, "AMSAM_DISTRIBUTED": "bogus"}  # reported by the command, unsupervised
+    bad = subprocess.run([sys.executable, SCRIPT, "die:1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.startswith("error: AMSAM_DISTRIBUTED")
+    assert "Traceback" not in bad.stderr
     assert supervised_alone(f"signal:{int(signal.SIGTERM)}").returncode == -signal.SIGTERM
     echoed = supervised_alone("echo")
     assert echoed.returncode == 0 and echoed.stderr == "first line\nsecond line\n"
