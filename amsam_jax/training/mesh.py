@@ -200,6 +200,11 @@ def add_mesh_flag(parser) -> None:
     )
 
 
+def peer_failure_line(index, reason: str, hint: str) -> str:
+    """The one line a surviving process prints when another process of its run died."""
+    return f"error: process {index}: {PEER_FAILED} ({reason[:200]}); {hint}"
+
+
 def stop_on_peer_failure(body: Callable[[], int], hint: str) -> Callable[[], int]:
     """`body`, which in a multi-process run turns a dead peer into one line and a quick exit.
 
@@ -214,12 +219,8 @@ def stop_on_peer_failure(body: Callable[[], int], hint: str) -> Callable[[], int
         except Exception as e:
             if not is_peer_failure(e):
                 raise
-            print(
-                f"error: process {jax.process_index()}: {PEER_FAILED} ({first_line(e)[:200]}); "
-                f"{hint}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(peer_failure_line(jax.process_index(), first_line(e), hint), file=sys.stderr,
+                  flush=True)  # fmt: skip
             sys.stdout.flush()
             os._exit(EXIT_PEER_FAILED)
 

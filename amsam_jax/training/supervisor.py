@@ -98,12 +98,8 @@ def run_child(argv: list[str], hint: str) -> int:
             _write(b"".join(own))
             return code
         index = os.environ.get(mesh.ENV_PROCESS_ID) or os.environ.get("SLURM_PROCID") or "?"
-        print(
-            f"error: process {index}: {mesh.PEER_FAILED} (JAX coordination service: "
-            f"{_status(fatal)}); {hint}",
-            file=sys.stderr,
-            flush=True,
-        )
+        reason = f"JAX coordination service: {_status(fatal)}"
+        print(mesh.peer_failure_line(index, reason, hint), file=sys.stderr, flush=True)
         return code if code > 0 else mesh.EXIT_PEER_FAILED
     if code < 0:  # the child died by a signal: so does the parent
         with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP keep their default
