@@ -550,7 +550,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
         if dice > best:
             best = dice
             meta["best_dice"] = best
-            run.save("best", state, {**meta, "d2_dice": dice})
+            run.save_best(state, {**meta, "d2_dice": dice})  # written with the next `latest`
         writer.write({"kind": "epoch", "step": step, "epoch": epoch + 1, "d2_dice": dice,
                       "d2_iou": result["iou"], "best_d2_dice": best,
                       **per_class_of(result, "d2_")})  # fmt: skip

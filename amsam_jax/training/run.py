@@ -7,7 +7,11 @@
 
 Every trainer drives its loop through a `Run`: it restores `latest`, replays deterministically
 from there, saves `latest` at most every `checkpoint_every_s` seconds, stops with a one-line
-`TrainError` on a non-finite loss, and finishes with `final` and the summary. With
+`TrainError` on a non-finite loss, and finishes with `final` and the summary. `save_best` keeps
+the newest `best` (a host copy) and writes it just before the next `latest` or `final` save, a
+stop, a NaN report or `wait_for_saves`: a run whose validation score improves in many epochs
+writes `best` once per save interval, not once per improvement. A kill loses at most the `best`
+found since `latest`, and the resumed run's deterministic replay finds it again. With
 `background_saves`, a save copies the state to the host and writes it in a worker thread, one save
 at a time and in order, while training goes on; `wait_for_saves` (called before a stop, a NaN
 report and the summary) makes every save requested so far complete.
@@ -34,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from amsam_jax.training import mesh as meshlib
-from amsam_jax.training.state import host_copy, restore_state, save_state, saved_step
+from amsam_jax.training.state import (
+    clone_state,
+    host_copy,
+    restore_state,
+    save_state,
+    saved_step,
+)
 from amsam_jax.utils.errors import AmsamError, first_line
 from amsam_jax.utils.io import atomic_write, write_json
 
@@ -206,6 +216,7 @@ class Run:
         self._background = background_saves and meshlib.process_count() == 1
         self._saver: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._best: tuple[Any, dict] | None = None  # `save_best`'s, not written yet
         self._last_save = time.perf_counter()
         self._stop: str | None = None  # the signal that asked the run to stop
         if self.workdir.exists() and not self.workdir.is_dir():
@@ -331,7 +342,29 @@ class Run:
 
     def save(self, kind: str, state: dict, meta: dict) -> None:
         """Writes checkpoint `kind` (see `training.state.save_state`): now, or with
-        `background_saves` from a host copy taken now, after the saves requested before it."""
+        `background_saves` from a host copy taken now, after the saves requested before it.
+        A `latest` or `final` save first writes the `best` that `save_best` holds."""
+        if kind in ("latest", "final"):
+            self._write_held_best()
+        self._write(kind, state, meta)
+
+    def save_best(self, state: dict, meta: dict) -> None:
+        """Holds a copy of `state` taken now as checkpoint `best`, written with the next
+        `latest` or `final` save, a stop, a NaN report or `wait_for_saves` (module docstring).
+
+        The copy is a host one with `background_saves`, else a device one (a run of several
+        processes saves its arrays as they are); every process makes the same calls, so each
+        writes the held `best` at the same point.
+        """
+        held = host_copy(state) if self._background else clone_state(state)
+        self._best = (held, dict(meta))
+
+    def _write_held_best(self) -> None:
+        if self._best is not None:
+            (state, meta), self._best = self._best, None
+            self._write("best", state, meta)
+
+    def _write(self, kind: str, state: dict, meta: dict) -> None:
         if self._background:
             if self._saver is None:
                 self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
@@ -344,7 +377,9 @@ class Run:
             self._last_save = time.perf_counter()
 
     def wait_for_saves(self) -> None:
-        """Returns when every save requested so far is on disk (re-raises a failed save)."""
+        """Returns when every save requested so far, and the `best` that `save_best` holds, is on
+        disk (re-raises a failed save)."""
+        self._write_held_best()
         pending, self._pending = self._pending, []
         for job in pending:
             job.result()
@@ -386,7 +421,7 @@ class Run:
         if not bad:
             return
         shown = ", ".join(f"{k} {v}" for k, v in values.items())
-        self.wait_for_saves()
+        self.wait_for_saves()  # with the `best` held by `save_best`
         step = saved_step(self.workdir, "latest")
         if step is None:
             there = "no checkpoint was saved yet"

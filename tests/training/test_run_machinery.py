@@ -174,3 +174,35 @@ def test_save_latest_is_timed_unless_forced(tmp_path):
     assert Run(tmp_path / "w2", {"a": 1}, checkpoint_every_s=0).save_latest(
         make_state(), {"step": 1}
     )
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_best_is_held_and_written_with_the_next_latest_final_stop_or_nan(tmp_path, background):
+    ckpt = tmp_path / "w" / "ckpt"
+    run = Run(tmp_path / "w", {"a": 1}, checkpoint_every_s=3600, background_saves=background)
+    state = make_state()
+    run.save_best(state, {"step": 1})
+    state["step"] = state["step"] + 1  # a later step must not change the held copy
+    run.save_best(make_state(), {"step": 2})  # replaces the first: one write for both
+    assert not run.save_latest(state, {"step": 2})  # not due: nothing is written
+    assert not (ckpt / "best").exists()
+    run.save("latest", state, {"step": 3})
+    run.wait_for_saves()
+    assert saved_step(tmp_path / "w", "best") == 2
+    assert saved_step(tmp_path / "w", "latest") == 3
+    restored, meta = restore_state(tmp_path / "w", "best", make_state())
+    assert int(restored["step"]) == 3 and meta["step"] == 2  # the held state, its own meta
+
+    run.save_best(state, {"step": 4})
+    run.save("final", state, {"step": 4})
+    run.wait_for_saves()
+    assert saved_step(tmp_path / "w", "best") == 4
+
+    run.save_best(state, {"step": 5})
+    with pytest.raises(TrainError, match="non-finite"):
+        run.check_finite({"loss": float("nan")}, "step 6")
+    assert saved_step(tmp_path / "w", "best") == 5
+
+    run.save_best(state, {"step": 7})
+    run.wait_for_saves()
+    assert saved_step(tmp_path / "w", "best") == 7
