@@ -261,8 +261,13 @@ def _pytorch_default_init(model: Sam, rng: np.random.Generator) -> dict[tuple, n
     values: dict[tuple, np.ndarray] = {}
 
     def uniform(shape, fan_in):
-        bound = 1.0 / np.sqrt(fan_in)
-        return rng.uniform(-bound, bound, shape).astype(np.float32)
+        # float32 draws, scaled in place: a random ViT-B in ~0.4 s instead of ~1.1 s for float64
+        # draws and their conversion.
+        bound = np.float32(1.0 / np.sqrt(fan_in))
+        x = rng.random(shape, dtype=np.float32)
+        np.multiply(x, 2 * bound, out=x)
+        np.subtract(x, bound, out=x)
+        return x
 
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Linear | nnx.Conv):

@@ -45,6 +45,22 @@ def test_abstract_sam_without_rng_streams_has_the_graph_and_shapes_of_nnx_rngs(m
     assert len(flat) > 50
 
 
+def test_random_weights_have_torch_default_init_distributions(tiny):
+    """Linear kernels U(±1/sqrt(fan_in)) in float32 (mean 0, std bound/sqrt(3)), distinct per
+    layer and per seed; LayerNorm scale 1."""
+    kernel = np.asarray(tiny.mask_decoder.output_hypernetworks_mlps[0].layers[0].kernel[...])
+    bound = 1 / math.sqrt(kernel.shape[0])
+    assert kernel.dtype == np.float32
+    assert -bound <= kernel.min() < -0.95 * bound and 0.95 * bound < kernel.max() < bound
+    assert abs(kernel.mean()) < 0.05 * bound
+    assert abs(kernel.std() - bound / math.sqrt(3)) < 0.05 * bound
+    other = np.asarray(tiny.mask_decoder.output_hypernetworks_mlps[1].layers[0].kernel[...])
+    reseeded = build_sam(SamConfig.tiny(), seed=1).mask_decoder.output_hypernetworks_mlps[0]
+    assert not np.array_equal(kernel, other)
+    assert not np.array_equal(kernel, np.asarray(reseeded.layers[0].kernel[...]))
+    assert np.all(np.asarray(tiny.mask_decoder.transformer.norm_final_attn.scale[...]) == 1)
+
+
 def test_gelu_is_exact_erf_form_not_tanh():
     x = np.linspace(-4, 4, 101)
     exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
