@@ -44,24 +44,42 @@ def _predict_jit():
     return jax.jit(_predict, static_argnums=(0, 1), compiler_options=decoder_program_options())
 
 
-def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData"):
-    """(argmax predictions (N, L, L) on the host, number of classes) of every image of `data`."""
+def _chunks(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData"):
+    """(start, arguments of `_predict_jit()`) of each chunk of `data`: up to `CHUNK` images, the
+    last padded with the first ones."""
     n = len(data.stems)
     if n == 0:
         raise ValueError("evaluate_fewshot: empty dataset")
     size = min(n, CHUNK)
-    preds, num_classes = [], None
     for start in range(0, n, size):
-        rows = np.arange(start, start + size) % n  # the last chunk padded with the first images
+        rows = np.arange(start, start + size) % n
         boxes = None if data.boxes is None else jnp.asarray(data.boxes[rows])
         valid = None if data.box_valid is None else jnp.asarray(data.box_valid[rows])
-        logits, pred = _predict_jit()(
-            graphdef, cfg, state["lower"], state["prompt"], frozen,
-            jnp.asarray(data.embedding[rows]), boxes, valid,
-        )  # fmt: skip
+        args = (graphdef, cfg, state["lower"], state["prompt"], frozen,
+                jnp.asarray(data.embedding[rows]), boxes, valid)  # fmt: skip
+        yield start, args
+
+
+def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData"):
+    """(argmax predictions (N, L, L) on the host, number of classes) of every image of `data`."""
+    n = len(data.stems)
+    preds, num_classes = [], None
+    for start, args in _chunks(graphdef, cfg, state, frozen, data):
+        logits, pred = _predict_jit()(*args)
         num_classes = logits.shape[1]
         preds.append(np.asarray(pred)[: n - start])
     return np.concatenate(preds), num_classes
+
+
+def compile_evaluation(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData") -> None:
+    """Compiles what `evaluate_fewshot` of `data` will run (one program per chunk size) without
+    running it: a trainer calls it while it waits for its epoch's compile, so the first epoch's
+    evaluation finds the program compiled. The arguments are those of `evaluate_fewshot`."""
+    sizes = set()
+    for _, args in _chunks(graphdef, cfg, state, frozen, data):
+        if args[5].shape[0] not in sizes:
+            sizes.add(args[5].shape[0])
+            _predict_jit().lower(*args).compile()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from amsam_jax.boxes.box_file import compute_box_file, list_split_images, load_b
 from amsam_jax.build_sam import SamConfig
 from amsam_jax.data.folder import list_samples
 from amsam_jax.data.synthetic import bundled_synthetic_dir
-from amsam_jax.evaluation.fewshot import evaluate_fewshot, predict_masks
+from amsam_jax.evaluation.fewshot import compile_evaluation, evaluate_fewshot, predict_masks
 from amsam_jax.evaluation.plots import plot_curves, write_samples
 from amsam_jax.fewshot.blo import (
     BoxResidual,
@@ -500,12 +500,16 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
     """
     batches = Batches.of(setup)
     frozen = setup.frozen if setup.mesh is None else meshlib.replicate(setup.frozen, setup.mesh)
-    finish_precompile(setup)
+    d2_eval = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the loop uses dice, iou
+    try:
+        if setup.precompiling is not None:  # the D2 evaluation compiles while the epoch does
+            compile_evaluation(setup.graphdef, setup.step_cfg, state, setup.frozen, d2_eval)
+    finally:
+        finish_precompile(setup)
     iters = setup.iters_per_epoch
     every = cfg.train.checkpoint_every
     step = int(meta["step"])
     best = float(meta["best_dice"])
-    d2_eval = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the loop uses dice, iou
     while step < setup.total_steps:
         epoch = step // iters
         end = (epoch + 1) * iters

@@ -96,6 +96,32 @@ def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, mon
     assert summary["steps"] == 4 and traced == ["precompile-epoch"]
 
 
+def test_the_evaluation_compiled_before_the_first_epoch_is_the_one_the_loop_calls(
+    tmp_path, monkeypatch
+):
+    """`compile_evaluation` compiles D2's evaluation while the epoch's compile runs: the forward
+    is traced once in the whole run (epoch-end and final evaluations), before the first epoch."""
+    events = []
+    predict = evaluation._predict
+
+    def counted_predict(*args):
+        events.append("evaluation traced")
+        return predict(*args)
+
+    fresh = jax.jit(counted_predict, static_argnums=(0, 1))
+    monkeypatch.setattr(evaluation, "_predict_jit", lambda: fresh)
+    run_iterations = trainer.run_iterations
+
+    def recording_run_iterations(*args, **kwargs):
+        events.append("epoch")
+        return run_iterations(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_iterations", recording_run_iterations)
+    summary = trainer.train(smoke(2), tmp_path / "run")
+    assert summary["steps"] == 4
+    assert events == ["evaluation traced", "epoch", "epoch"]
+
+
 def test_checkpoint_every_splits_the_epoch_and_saves_mid_epoch(tmp_path, counted):
     workdir = tmp_path / "run"
     trainer.train(smoke(2, checkpoint_every=1, checkpoint_every_s=1000), workdir)
