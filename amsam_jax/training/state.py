@@ -98,8 +98,14 @@ def clone_state(state):
 
     `jax.device_put(..., may_alias=False)` copies buffer to buffer; `jnp.array(x, copy=True)`
     would compile one small XLA program per distinct shape first (~15 ms each on 2 CPU cores).
+    An array keeps its sharding (over a mesh of several processes, each copies its own shards).
     """
-    return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), state)
+
+    def copy(x):
+        sharding = x.sharding if isinstance(x, jax.Array) else None
+        return jax.device_put(x, sharding, may_alias=False)
+
+    return jax.tree.map(copy, state)
 
 
 def init_optimizer(tx, params):
