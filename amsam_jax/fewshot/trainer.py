@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amsam_jax.boxes.box_file import compute_box_file, list_split_images, load_box_file
-from amsam_jax.build_sam import SamConfig
+from amsam_jax.build_sam import SamConfig, abstract_sam
 from amsam_jax.data.folder import list_samples
 from amsam_jax.data.synthetic import bundled_synthetic_dir
 from amsam_jax.evaluation.fewshot import compile_evaluation, evaluate_fewshot, predict_masks
@@ -34,6 +34,7 @@ from amsam_jax.evaluation.plots import plot_curves, write_samples
 from amsam_jax.fewshot.blo import (
     BoxResidual,
     StepConfig,
+    Trainable,
     TrainingModel,
     build_step,
     make_epoch,
@@ -60,7 +61,7 @@ from amsam_jax.training.run import (
     log,
     read_run_config,
 )
-from amsam_jax.training.sam import resolve_sam
+from amsam_jax.training.sam import load_located, locate_sam
 from amsam_jax.training.state import clone_state, init_optimizer, restore_state
 from amsam_jax.utils.runtime import decoder_program_options
 
@@ -185,7 +186,8 @@ def build_setup(
     if mesh is not None:
         check_batches_divide(cfg, len(d1_samples), len(d2_samples), mesh)
         mesh = mesh if mesh.devices.size > 1 else None  # one device: the plain step
-    sam, sam_cfg, weights_key, weights = resolve_sam(cfg)
+    located = locate_sam(cfg)  # the model's config: the weights are read further down
+    sam_cfg = located.target
     # Labels at the decoder's low resolution: 4G (64 for ViT at 256 px, 256 for LiteMedSAM).
     prep = Preprocessing(
         size=sam_cfg.image_size,
@@ -195,9 +197,6 @@ def build_setup(
     )
     d1, d2 = load_split(d1_samples, prep), load_split(d2_samples, prep)
     say(f"data: {data_dir} | {len(shots)} shots -> D1 {len(d1.stems)}, D2 {len(d2.stems)}")
-    say(f"sam: {weights}")
-
-    embedder = Embedder(sam.image_encoder, weights_key)
 
     box_note = "box prompts: off (no boxes.file / boxes.detector)"
     box_file_path = cfg.boxes.file
@@ -215,42 +214,78 @@ def build_setup(
             box_note += f"; up to {m} per image, {len(cut)} image(s) with more cut to {m}"
     say(box_note)
 
-    apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, seed=cfg.seed)
-    mark_trainable(sam, train_iou_head=cfg.lora.train_iou_head)
-    residual = BoxResidual(sam_cfg.prompt_embed_dim) if cfg.boxes.residual else None
-    trainable = split_trainable(TrainingModel(PromptDecoder(sam), residual))
-    say(
-        f"trainable: lower {count_params(trainable.lower):,} | prompt "
-        f"{count_params(trainable.prompt):,} | frozen {count_params(trainable.frozen):,}"
-    )
     iters = math.ceil(len(d1.stems) / cfg.train.batch_size)
     total = cfg.train.epochs * iters
     lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
     scfg = step_config(cfg)
-    step, lower_tx, upper_tx = build_step(trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1)
-    step_fn, epoch_fn = jit_steps(step, mesh)
-    initial = {
-        "lower": trainable.lower,
-        "prompt": trainable.prompt,
-        "lower_opt": init_optimizer(lower_tx, trainable.lower),
-        "prompt_opt": init_optimizer(upper_tx, trainable.prompt),
-        "step": jnp.asarray(0, jnp.int32),
-    }
-    setup = Setup(
-        cfg, sam_cfg, weights, trainable.graphdef, trainable.frozen, initial, scfg, d1, d2,
-        lower_tx, upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep, mesh,
-    )  # fmt: skip
-    if precompile:
-        setup.precompiling = precompile_epoch(setup)
+
+    def functions(trainable: Trainable) -> tuple:
+        step, lower_tx, upper_tx = build_step(
+            trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1
+        )
+        return (trainable.graphdef, *jit_steps(step, mesh), lower_tx, upper_tx)
+
+    def setup_of(sam, weights, embedder, trainable, fns, initial) -> Setup:
+        graphdef, step_fn, epoch_fn, lower_tx, upper_tx = fns
+        return Setup(
+            cfg, sam_cfg, weights, graphdef, trainable.frozen, initial, scfg, d1, d2, lower_tx,
+            upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep, mesh,
+        )  # fmt: skip
+
+    fns, precompiling = None, None
+    if precompile and mesh is None:
+        # The epoch compiles from the shapes of the model in a background thread, while the
+        # weights load and the image encoder computes the embeddings (`precompile_epoch`).
+        shapes = split_trainable(
+            abstract_sam(sam_cfg, then=lambda sam: training_model(sam, cfg, sam_cfg))
+        )
+        fns = functions(shapes)
+        initial = {
+            "lower": shapes.lower,
+            "prompt": shapes.prompt,
+            "lower_opt": jax.eval_shape(fns[3].init, shapes.lower),
+            "prompt_opt": jax.eval_shape(fns[4].init, shapes.prompt),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
+        precompiling = precompile_epoch(setup_of(None, "", None, shapes, fns, initial))
     try:
+        sam, _, weights_key, weights = load_located(cfg, located)
+        say(f"sam: {weights}")
+        embedder = Embedder(sam.image_encoder, weights_key)
+        trainable = split_trainable(training_model(sam, cfg, sam_cfg))
+        say(
+            f"trainable: lower {count_params(trainable.lower):,} | prompt "
+            f"{count_params(trainable.prompt):,} | frozen {count_params(trainable.frozen):,}"
+        )
+        if fns is None or fns[0] != trainable.graphdef:  # not the model the shapes foretold
+            fns = functions(trainable)
+        _, _, _, lower_tx, upper_tx = fns
+        initial = {
+            "lower": trainable.lower,
+            "prompt": trainable.prompt,
+            "lower_opt": init_optimizer(lower_tx, trainable.lower),
+            "prompt_opt": init_optimizer(upper_tx, trainable.prompt),
+            "step": jnp.asarray(0, jnp.int32),
+        }
+        setup = setup_of(sam, weights, embedder, trainable, fns, initial)
+        setup.precompiling = precompiling
         for split in (d1, d2):
             split.embedding = embedder.embed(split.image, prep.key())
     except BaseException:
-        finish_precompile(setup)  # no compile left running when the error is reported
+        if precompiling is not None:
+            precompiling.join()  # no compile left running when the error is reported
         raise
     stats = embedder.cache.stats
     say(f"embeddings: {stats.hits} cached, {stats.misses} computed ({embedder.cache.cache_dir})")
     return setup
+
+
+def training_model(sam, cfg: FewShotConfig, sam_cfg: SamConfig) -> TrainingModel:
+    """LoRA, the trainable partition and the optional box residual on `sam` (in place)."""
+    apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, seed=cfg.seed)
+    mark_trainable(sam, train_iou_head=cfg.lora.train_iou_head)
+    residual = BoxResidual(sam_cfg.prompt_embed_dim) if cfg.boxes.residual else None
+    return TrainingModel(PromptDecoder(sam), residual)
 
 
 def precompile_epoch(setup: Setup) -> threading.Thread | None:

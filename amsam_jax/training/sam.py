@@ -29,6 +29,17 @@ NAME_TO_TYPE = {"litemedsam": "litemedsam", "sam_vit_b": "vit_b", "sam_vit_l": "
                 "sam_vit_h": "vit_h"}  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class LocatedSam:
+    """Which weights `resolve_sam` will load, known before any is read: the adapted model's
+    config, and the converted directory (None: random weights)."""
+
+    target: SamConfig
+    sam_dir: str | None
+    model_type: str
+    missing: str  # why there are no weights (random ones only)
+
+
 def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
     """Finds SAM weights: configured dir or name, $AMSAM_SAM, checkpoints/, download, or random.
 
@@ -45,6 +56,13 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
         (model adapted to the training config, its SamConfig, weights key for the cache,
         a human description that says loudly when weights are random).
     """
+    return load_located(cfg, locate_sam(cfg))
+
+
+def locate_sam(cfg) -> LocatedSam:
+    """The first half of `resolve_sam`: checks the `sam` section, finds (or fetches) the weights
+    and reads their config, without loading them. A trainer can then build the adapted model's
+    shapes (`build_sam.abstract_sam(located.target)`) while `load_located` reads the weights."""
     s = cfg.sam
     if s.head_init not in HEAD_INITS:
         raise TrainError(
@@ -83,7 +101,6 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
     if sam_dir is not None:
         src_cfg, _ = read_sam_config(sam_dir)
         check_image_size(src_cfg, s.image_size)
-        model = load_sam(sam_dir)
         target = dataclasses.replace(
             src_cfg,
             image_size=s.image_size,
@@ -94,26 +111,36 @@ def resolve_sam(cfg) -> tuple[Any, SamConfig, str, str]:
             target = dataclasses.replace(
                 target, num_multimask_outputs=src_cfg.num_multimask_outputs
             )
+        return LocatedSam(target, sam_dir, model_type, missing)
+    if not s.allow_random:
+        raise TrainError(
+            None, "no SAM weights found (set sam.checkpoint) and sam.allow_random is off"
+        )
+    check_image_size(target, s.image_size)
+    return LocatedSam(target, None, model_type, missing)
+
+
+def load_located(cfg, located: LocatedSam) -> tuple[Any, SamConfig, str, str]:
+    """The second half of `resolve_sam`: loads and adapts the weights `locate_sam` found (or
+    builds random ones); returns what `resolve_sam` does."""
+    s, target, sam_dir = cfg.sam, located.target, located.sam_dir
+    if sam_dir is not None:
+        model = load_sam(sam_dir)
         model = adapt_sam(
             model, target, reinit_heads=s.reinit_heads and s.head_init == "tokens", seed=cfg.seed
         )
         key = f"{sam_weights_key(sam_dir, s.encoder_dtype)}-{s.image_size}"
         described = f"{s.checkpoint} ({sam_dir})" if is_name(s.checkpoint) else sam_dir
         return model, target, key, f"converted SAM weights from {described}"
-    if not s.allow_random:
-        raise TrainError(
-            None, "no SAM weights found (set sam.checkpoint) and sam.allow_random is off"
-        )
-    check_image_size(target, s.image_size)
     model = build_sam(target, seed=cfg.seed)
-    key = f"random-{model_type}-{s.image_size}-seed{cfg.seed}-{s.encoder_dtype}"
+    key = f"random-{located.model_type}-{s.image_size}-seed{cfg.seed}-{s.encoder_dtype}"
     return (
         model,
         target,
         key,
         (
-            f"RANDOM {model_type} WEIGHTS ({missing}): Dice is a pipeline check, not a quality "
-            "number"
+            f"RANDOM {located.model_type} WEIGHTS ({located.missing}): Dice is a pipeline "
+            "check, not a quality number"
         ),
     )
 

@@ -98,12 +98,14 @@ def clone_state(state):
 
     `jax.device_put(..., may_alias=False)` copies buffer to buffer; `jnp.array(x, copy=True)`
     would compile one small XLA program per distinct shape first (~15 ms each on 2 CPU cores).
-    An array keeps its sharding (over a mesh of several processes, each copies its own shards).
+    An array that spans several processes keeps its sharding (each copies its own shards); any
+    other stays as committed to its device as it was, so a jitted function called with the copy
+    finds the compile it made for the original.
     """
 
     def copy(x):
-        sharding = x.sharding if isinstance(x, jax.Array) else None
-        return jax.device_put(x, sharding, may_alias=False)
+        spans = isinstance(x, jax.Array) and not x.is_fully_addressable
+        return jax.device_put(x, x.sharding if spans else None, may_alias=False)
 
     return jax.tree.map(copy, state)
 

@@ -3,6 +3,7 @@ run, the records it writes, and the per-iteration path of runs whose batches are
 
 import dataclasses
 import json
+import logging
 import threading
 
 import jax
@@ -72,11 +73,12 @@ def test_three_epochs_compile_the_epoch_and_the_evaluation_once(tmp_path, counte
 
 
 @pytest.mark.parametrize("model_type", ["tiny", "tiny_vit"])  # ViT and TinyViT embedding grids
-def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch,
+def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch, caplog,
                                                                    model_type):  # fmt: skip
-    """`precompile_epoch` traces and compiles the epoch while the embeddings are computed: the
-    step is traced once in the whole run, in that thread (a second trace would be the loop
-    compiling the epoch again, e.g. for embeddings of another shape than it assumed)."""
+    """`precompile_epoch` traces and compiles the epoch from the model's shapes while the weights
+    load and the embeddings are computed: the step is traced and compiled once in the whole run,
+    in that thread (a second trace would be the loop compiling the epoch again, e.g. for
+    embeddings or parameters of other shapes than it assumed)."""
     traced = []
     build_step = trainer.build_step
 
@@ -92,8 +94,16 @@ def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, mon
     monkeypatch.setattr(trainer, "build_step", counting_build_step)
     cfg = smoke(2)
     cfg = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, model_type=model_type))
-    summary = trainer.train(cfg, tmp_path / "run")
+    jax.config.update("jax_log_compiles", True)  # process-wide: the thread's compile is logged
+    try:
+        with caplog.at_level(logging.WARNING):
+            summary = trainer.train(cfg, tmp_path / "run")
+    finally:
+        jax.config.update("jax_log_compiles", False)
     assert summary["steps"] == 4 and traced == ["precompile-epoch"]
+    # It was compiled from the model's shapes before the weights were loaded, once.
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Finished XLA compilation")]
+    assert sum("jit(epoch)" in r.getMessage() for r in compiles) == 1
 
 
 def test_the_evaluation_compiled_before_the_first_epoch_is_the_one_the_loop_calls(
