@@ -318,8 +318,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
         return wrapper
 
-    names = ("build_setup", "finish_precompile", "evaluate_fewshot", "evaluate_predictions",
-             "run_iterations")  # fmt: skip
+    names = ("build_setup", "compile_evaluation", "finish_precompile", "evaluate_fewshot",
+             "evaluate_predictions", "run_iterations")  # fmt: skip
     for name in names:
         setattr(trainer, name, timed(name, getattr(trainer, name)))
     run_dir.save_state = timed("save_state", run_dir.save_state)  # in the saver thread
@@ -342,8 +342,8 @@ def run_worker(args: argparse.Namespace) -> int:
             "setup (SAM build, data, encoder compile + embeddings)": round(
                 spent.get("build_setup", 0.0), 2
             ),
-            "epoch compile left after setup (its background thread)": round(
-                spent.get("finish_precompile", 0.0), 2
+            "compiles left after setup (the epoch's thread, D2's evaluation)": round(
+                spent.get("finish_precompile", 0.0) + spent.get("compile_evaluation", 0.0), 2
             ),
             "first epoch (what is left of its compile + its iterations)": round(first, 2),
             "other epochs": round(loop - first, 2),
