@@ -158,7 +158,7 @@ class Setup:
     embedder: Embedder
     preprocessing: Preprocessing
     mesh: Any = None  # the step's device mesh (`training.mesh.make_mesh`); None: one device
-    precompiling: threading.Thread | None = None  # `precompile_epoch`; joined before the loop
+    precompiling: "Precompile | None" = None  # `precompile_epoch`; joined before the loop
 
 
 def data_dir_of(cfg: FewShotConfig) -> Path:
@@ -257,8 +257,13 @@ def build_setup(
             f"trainable: lower {count_params(trainable.lower):,} | prompt "
             f"{count_params(trainable.prompt):,} | frozen {count_params(trainable.frozen):,}"
         )
-        if fns is None or fns[0] != trainable.graphdef:  # not the model the shapes foretold
+        if fns is None or fns[0] != trainable.graphdef:
+            if precompiling is not None:  # not the model the shapes foretold: its own step
+                precompiling.cancel()
+                precompiling = None
             fns = functions(trainable)
+        elif precompiling is not None:
+            precompiling.allow()  # the weights loaded: the epoch compiles for them
         _, _, _, lower_tx, upper_tx = fns
         initial = {
             "lower": trainable.lower,
@@ -273,7 +278,7 @@ def build_setup(
             split.embedding = embedder.embed(split.image, prep.key())
     except BaseException:
         if precompiling is not None:
-            precompiling.join()  # no compile left running when the error is reported
+            precompiling.cancel()  # no compile left running when the error is reported
         raise
     stats = embedder.cache.stats
     say(f"embeddings: {stats.hits} cached, {stats.misses} computed ({embedder.cache.cache_dir})")
@@ -288,7 +293,7 @@ def training_model(sam, cfg: FewShotConfig, sam_cfg: SamConfig) -> TrainingModel
     return TrainingModel(PromptDecoder(sam), residual)
 
 
-def precompile_epoch(setup: Setup) -> threading.Thread | None:
+def precompile_epoch(setup: Setup) -> "Precompile | None":
     """Starts compiling the epoch function for a fresh run's first call (a full epoch, or
     `train.checkpoint_every` iterations) in a background thread; returns it, or None where the
     loop would not call it (ragged batches, a mesh).
@@ -318,15 +323,42 @@ def precompile_epoch(setup: Setup) -> threading.Thread | None:
         return None
     idx = jax.ShapeDtypeStruct((length,), jnp.int32)
 
-    def compile_epoch():
+    def compile_epoch(precompile: "Precompile"):
         try:
-            setup.epoch_fn.lower(setup.initial, setup.frozen, d1, d2, idx, idx).compile()
+            lowered = setup.epoch_fn.lower(setup.initial, setup.frozen, d1, d2, idx, idx)
+            precompile.decided.wait()
+            if precompile.go:
+                lowered.compile()
         except Exception:  # the loop's own call compiles and reports the error
             pass
 
-    thread = threading.Thread(target=compile_epoch, name="precompile-epoch", daemon=True)
-    thread.start()
-    return thread
+    return Precompile(compile_epoch)
+
+
+class Precompile:
+    """`precompile_epoch`'s thread: it traces and lowers the epoch at once, then compiles it once
+    `allow` says the weights loaded (`cancel`: they did not). A setup error (unreadable or
+    corrupt weights) is then reported when the trace ends, not after an XLA compile of ~10 s on
+    2 cores, which cannot be interrupted."""
+
+    def __init__(self, target):
+        self.decided, self.go = threading.Event(), False
+        self.thread = threading.Thread(
+            target=target, args=(self,), name="precompile-epoch", daemon=True
+        )
+        self.thread.start()
+
+    def allow(self) -> None:
+        self.go = True
+        self.decided.set()
+
+    def cancel(self) -> None:
+        self.decided.set()
+        self.thread.join()
+
+    def join(self) -> None:
+        self.allow()  # joined to be used: nothing stands in its way any more
+        self.thread.join()
 
 
 def finish_precompile(setup: Setup) -> None:

@@ -106,6 +106,26 @@ def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, mon
     assert sum("jit(epoch)" in r.getMessage() for r in compiles) == 1
 
 
+def test_weights_that_fail_to_load_cancel_the_epochs_compile(tmp_path, monkeypatch, caplog):
+    """The epoch is traced from the model's shapes while the weights load; when they cannot be
+    read, the error comes once the trace ends: no XLA compile of the epoch, no thread left."""
+
+    def unreadable(cfg, located):
+        raise trainer.TrainError("weights/params", "cannot be read, truncated or corrupt")
+
+    monkeypatch.setattr(trainer, "load_located", unreadable)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(trainer.TrainError, match="corrupt"):
+            trainer.train(smoke(2), tmp_path / "run")
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Finished tracing") and "epoch" in m for m in messages)
+    assert not any(m.startswith("Finished XLA compilation of jit(epoch)") for m in messages)
+    assert not [t for t in threading.enumerate() if t.name == "precompile-epoch"]
+
+
 def test_the_evaluation_compiled_before_the_first_epoch_is_the_one_the_loop_calls(
     tmp_path, monkeypatch
 ):
