@@ -72,14 +72,12 @@ def _predictions(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData
 
 
 def compile_evaluation(graphdef, cfg: StepConfig, state: dict, frozen, data: "EvalData") -> None:
-    """Compiles what `evaluate_fewshot` of `data` will run (one program per chunk size) without
-    running it: a trainer calls it while it waits for its epoch's compile, so the first epoch's
-    evaluation finds the program compiled. The arguments are those of `evaluate_fewshot`."""
-    sizes = set()
-    for _, args in _chunks(graphdef, cfg, state, frozen, data):
-        if args[5].shape[0] not in sizes:
-            sizes.add(args[5].shape[0])
-            _predict_jit().lower(*args).compile()
+    """Compiles what `evaluate_fewshot` of `data` will run without running it (every chunk has
+    the same size, so one program): a trainer calls it while it waits for its epoch's compile,
+    so the first epoch's evaluation finds the program compiled. The arguments are those of
+    `evaluate_fewshot`."""
+    _, args = next(_chunks(graphdef, cfg, state, frozen, data))
+    _predict_jit().lower(*args).compile()
 
 
 @dataclasses.dataclass(frozen=True)

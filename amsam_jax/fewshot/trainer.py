@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,16 @@ class Setup:
     precompiling: "Precompile | None" = None  # `precompile_epoch`; joined before the loop
 
 
+class Steps(NamedTuple):
+    """The step functions `build_setup` builds for one model graph."""
+
+    graphdef: Any
+    step_fn: Any
+    epoch_fn: Any
+    lower_tx: Any
+    upper_tx: Any
+
+
 def data_dir_of(cfg: FewShotConfig) -> Path:
     """`data.dir`, or the bundled synthetic few-shot set."""
     return Path(cfg.data.dir) if cfg.data.dir else bundled_synthetic_dir(cfg.data.num_classes)
@@ -219,17 +229,26 @@ def build_setup(
     lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
     scfg = step_config(cfg)
 
-    def functions(trainable: Trainable) -> tuple:
+    def functions(trainable: Trainable) -> Steps:
         step, lower_tx, upper_tx = build_step(
             trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1
         )
-        return (trainable.graphdef, *jit_steps(step, mesh), lower_tx, upper_tx)
+        return Steps(trainable.graphdef, *jit_steps(step, mesh), lower_tx, upper_tx)
 
-    def setup_of(sam, weights, embedder, trainable, fns, initial) -> Setup:
-        graphdef, step_fn, epoch_fn, lower_tx, upper_tx = fns
+    def initial_of(trainable: Trainable, fns: Steps) -> dict:
+        return {
+            "lower": trainable.lower,
+            "prompt": trainable.prompt,
+            "lower_opt": init_optimizer(fns.lower_tx, trainable.lower),
+            "prompt_opt": init_optimizer(fns.upper_tx, trainable.prompt),
+            "step": jnp.asarray(0, jnp.int32),
+        }
+
+    def setup_of(sam, weights, embedder, trainable, fns: Steps, initial) -> Setup:
         return Setup(
-            cfg, sam_cfg, weights, graphdef, trainable.frozen, initial, scfg, d1, d2, lower_tx,
-            upper_tx, step_fn, epoch_fn, total, iters, box_note, sam, embedder, prep, mesh,
+            cfg, sam_cfg, weights, fns.graphdef, trainable.frozen, initial, scfg, d1, d2,
+            fns.lower_tx, fns.upper_tx, fns.step_fn, fns.epoch_fn, total, iters, box_note, sam,
+            embedder, prep, mesh,
         )  # fmt: skip
 
     fns, precompiling = None, None
@@ -240,13 +259,7 @@ def build_setup(
             abstract_sam(sam_cfg, then=lambda sam: training_model(sam, cfg, sam_cfg))
         )
         fns = functions(shapes)
-        initial = {
-            "lower": shapes.lower,
-            "prompt": shapes.prompt,
-            "lower_opt": jax.eval_shape(fns[3].init, shapes.lower),
-            "prompt_opt": jax.eval_shape(fns[4].init, shapes.prompt),
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
-        }
+        initial = jax.eval_shape(lambda: initial_of(shapes, fns))
         precompiling = precompile_epoch(setup_of(None, "", None, shapes, fns, initial))
     try:
         sam, _, weights_key, weights = load_located(cfg, located)
@@ -257,22 +270,14 @@ def build_setup(
             f"trainable: lower {count_params(trainable.lower):,} | prompt "
             f"{count_params(trainable.prompt):,} | frozen {count_params(trainable.frozen):,}"
         )
-        if fns is None or fns[0] != trainable.graphdef:
+        if fns is None or fns.graphdef != trainable.graphdef:
             if precompiling is not None:  # not the model the shapes foretold: its own step
                 precompiling.cancel()
                 precompiling = None
             fns = functions(trainable)
         elif precompiling is not None:
             precompiling.allow()  # the weights loaded: the epoch compiles for them
-        _, _, _, lower_tx, upper_tx = fns
-        initial = {
-            "lower": trainable.lower,
-            "prompt": trainable.prompt,
-            "lower_opt": init_optimizer(lower_tx, trainable.lower),
-            "prompt_opt": init_optimizer(upper_tx, trainable.prompt),
-            "step": jnp.asarray(0, jnp.int32),
-        }
-        setup = setup_of(sam, weights, embedder, trainable, fns, initial)
+        setup = setup_of(sam, weights, embedder, trainable, fns, initial_of(trainable, fns))
         setup.precompiling = precompiling
         for split in (d1, d2):
             split.embedding = embedder.embed(split.image, prep.key())
