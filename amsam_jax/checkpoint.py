@@ -319,11 +319,18 @@ def _open_params(params_path: Path) -> dict:
     names = sorted(k[: -len(suffix)].decode(errors="replace") for k in keys if k.endswith(suffix))
     if not names:
         raise CheckpointError(params_path, "holds no arrays (empty or damaged)")
+    # All opens are issued before the first is awaited: tensorstore runs them concurrently.
+    opening = {
+        name: ts.open(
+            {"driver": "zarr", "kvstore": {**kvstore, "path": f"{name}/"}}, read=True,
+            context=context,
+        )
+        for name in names
+    }  # fmt: skip
     stores = {}
-    for name in names:
-        spec = {"driver": "zarr", "kvstore": {**kvstore, "path": f"{name}/"}}
+    for name, future in opening.items():
         try:
-            stores[name] = ts.open(spec, read=True, context=context).result()
+            stores[name] = future.result()
         except ValueError as e:
             raise CheckpointError(
                 params_path, f"{name} cannot be opened, truncated or corrupt ({first_line(e)})"
@@ -391,12 +398,14 @@ def load_sam(sam_dir: str | os.PathLike, encoder_dtype: str | None = None) -> Sa
     zero_filled = task if not task & set(stores) else set()
     _check_stored(sam_dir, expected, stores, zero_filled)
     values, bad = {}, []
+    # Every read is issued before the first is awaited (concurrent, as the opens).
+    reading = {name: stores[name].read() for name in expected if name not in zero_filled}
     for name, var in expected.items():
         if name in zero_filled:
             values[name] = np.zeros(var.shape, var.dtype)
             continue
         try:
-            values[name] = np.asarray(stores[name].read().result())
+            values[name] = np.asarray(reading[name].result())
         except ValueError as e:
             raise CheckpointError(
                 params_path, f"{name} cannot be read, truncated or corrupt ({first_line(e)})"
