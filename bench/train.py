@@ -16,8 +16,10 @@ Prints one JSON object, then a readable table (`bench/report.py`) with the machi
   embedding, the epoch function's compile, per-epoch D2 evaluation and saves. Time is attributed
   by timers wrapped around the trainer's module-level functions (an epoch is one call, so the
   first epoch holds the compile). With `--xla-cache`, `run` is the same run with an empty
-  persistent XLA cache (`cold`), again with the cache it filled (`warm`), and a third time with
-  the embedding cache the second run filled too (`rerun`: a user's next run on the same shots).
+  persistent XLA cache (`cold`), again with the cache it filled (`warm`), with half the learning
+  rates and weight decay and that cache (`sweep`: a sweep's next point, whose numbers reach the
+  step at run time), and with the embedding cache the second run filled too (`rerun`: a user's
+  next run on the same shots).
 - `profile` (`--profile`): each piece of the step compiled alone with the trainer's XLA options,
   and for the steps the thread time per call by kind of XLA:CPU kernel (`kernel_classes`: YNNPACK
   kernels with and without a dot, other dots, XLA's own loops), from a `jax.profiler` trace.
@@ -85,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=("run",), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -93,19 +96,26 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def bench_config(epochs: int, shots: int):
-    """The am_sam recipe on a random ViT-B at 256 px and the bundled synthetic data."""
+def bench_config(epochs: int, shots: int, sweep_point: bool = False):
+    """The am_sam recipe on a random ViT-B at 256 px and the bundled synthetic data;
+    `sweep_point`: with half its learning rates and weight decay (the next point of a sweep)."""
     import dataclasses
 
     from amsam_jax.fewshot.recipes import am_sam
 
     cfg = am_sam()
+    train = dataclasses.replace(cfg.train, epochs=epochs, checkpoint_every=0, num_samples=0)
+    if sweep_point:
+        train = dataclasses.replace(
+            train, lower_lr=train.lower_lr / 2, upper_lr=train.upper_lr / 2,
+            weight_decay=train.weight_decay / 2,
+        )  # fmt: skip
     return dataclasses.replace(
         cfg,
         name="bench_train",
         sam=dataclasses.replace(cfg.sam, model_type="vit_b", download=False, checkpoint=None),
         data=dataclasses.replace(cfg.data, dir=None, shots=shots),
-        train=dataclasses.replace(cfg.train, epochs=epochs, checkpoint_every=0, num_samples=0),
+        train=train,
     )
 
 
@@ -323,7 +333,7 @@ def run_worker(args: argparse.Namespace) -> int:
     for name in names:
         setattr(trainer, name, timed(name, getattr(trainer, name)))
     run_dir.save_state = timed("save_state", run_dir.save_state)  # in the saver thread
-    cfg = bench_config(args.epochs, args.shots)
+    cfg = bench_config(args.epochs, args.shots, args.sweep_point)
     t0 = time.perf_counter()
     summary = trainer.train(cfg, args.workdir)
     wall = time.perf_counter() - t0
@@ -362,10 +372,13 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def bench_run(
-    args: argparse.Namespace, xla_cache: Path | None, embeddings: Path | None = None
+    args: argparse.Namespace,
+    xla_cache: Path | None,
+    embeddings: Path | None = None,
+    sweep_point: bool = False,
 ) -> dict:
     """Runs the whole-run worker in a fresh process with the embedding cache `embeddings` (None:
-    an empty one)."""
+    an empty one), of `bench_config(..., sweep_point)`."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k not in ("AMSAM_SAM", "AMSAM_XLA_CACHE")}
         env["AMSAM_CACHE"] = str(embeddings or Path(tmp) / "embeddings")
@@ -375,7 +388,8 @@ def bench_run(
             sys.executable, "-m", "bench", "train", "--worker", "run",
             "--workdir", str(Path(tmp) / "run"), "--epochs", str(args.epochs),
             "--shots", str(args.shots),
-        ] + (["--xla-cache"] if xla_cache is not None else [])  # fmt: skip
+        ] + (["--xla-cache"] if xla_cache is not None else []) + (
+            ["--sweep-point"] if sweep_point else [])  # fmt: skip
         # cwd = tmp: no `checkpoints/sam_vit_b` is picked up, the run uses random ViT-B weights.
         # bench/ itself must stay importable from there.
         env["PYTHONPATH"] = os.pathsep.join(
@@ -426,6 +440,11 @@ def report_rows(out: dict) -> list[Row]:
         warm = run["warm"]
         rows.append(Row("whole run, warm XLA cache (ref: cold)", warm["wall_s"], cold["wall_s"],
                         ours_rss=int(warm["peak_rss_gib"] * GIB)))  # fmt: skip
+    if "sweep" in run:
+        sweep = run["sweep"]
+        rows.append(Row("  another lr and weight decay, same XLA cache (ref: cold)",
+                        sweep["wall_s"], cold["wall_s"],
+                        ours_rss=int(sweep["peak_rss_gib"] * GIB)))  # fmt: skip
     if "rerun" in run:
         rerun = run["rerun"]
         rows.append(Row("  rerun, embeddings cached too (ref: cold)", rerun["wall_s"],
@@ -454,10 +473,12 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as xla, tempfile.TemporaryDirectory() as emb:
                 cold = bench_run(args, Path(xla))
                 warm = bench_run(args, Path(xla), Path(emb))  # fills the embedding cache
+                sweep = bench_run(args, Path(xla), sweep_point=True)  # cold embeddings
                 rerun = bench_run(args, Path(xla), Path(emb))
             out["run"] = {"config": config + ", persistent XLA cache: empty, then filled; "
-                          "rerun: both caches filled", "cold": cold, "warm": warm,
-                          "rerun": rerun}  # fmt: skip
+                          "sweep: half the learning rates and weight decay, the cold run's "
+                          "XLA cache; rerun: both caches filled", "cold": cold, "warm": warm,
+                          "sweep": sweep, "rerun": rerun}  # fmt: skip
         else:
             out["run"] = {"config": config + ", no persistent XLA cache",
                           **bench_run(args, None)}  # fmt: skip

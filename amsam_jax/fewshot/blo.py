@@ -173,6 +173,30 @@ def make_loss_fn(graphdef, cfg: StepConfig) -> Callable:
     return loss_fn
 
 
+# The numbers a run may pass to the step at run time (`hyper`) instead of compiling them in: a
+# sweep over them then reuses one compiled program (docs/fewshot.md §5.3). The schedules read
+# the first five (`fewshot.trainer.schedules`), the optimisers the rest.
+HYPER_KEYS = (
+    "lower_lr", "upper_lr", "power", "total", "warmup_period",
+    "lower_b1", "b1", "b2", "eps", "weight_decay",
+)  # fmt: skip
+
+
+def optimizers(
+    lower_lr: Callable, upper_lr: Callable, lower_b1, b1, b2, eps, weight_decay
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """The lower and upper AdamW (their numbers: Python floats, or traced scalars inside a step)."""
+    # eps_root > 0 keeps d sqrt(v)/dg finite where a lower gradient is exactly 0
+    # (docs/fewshot.md §5.5); the float32 forward update is unchanged by 1e-30.
+    lower_tx = optax.adamw(
+        lower_lr, b1=lower_b1, b2=b2, eps=eps, eps_root=1e-30, weight_decay=weight_decay
+    )
+    upper_tx = optax.adamw(
+        upper_lr, b1=b1, b2=b2, eps=eps, eps_root=1e-30, weight_decay=weight_decay
+    )
+    return lower_tx, upper_tx
+
+
 def _adam_moments(opt_state):
     return optax.tree_utils.tree_get(opt_state, "mu"), optax.tree_utils.tree_get(opt_state, "nu")
 
@@ -187,33 +211,38 @@ def build_step(
     """The bi-level step as a pure function (unjitted) and the two optimisers.
 
     `make_step` jits it for one iteration per call, `make_epoch` scans it over many; the
-    arguments are those of `make_step`.
+    arguments are those of `make_step`. The step is step(state, frozen, batch1, batch2,
+    hyper=None): `hyper` (a dict of the `HYPER_KEYS` as float32 scalars) gives the schedules' and
+    optimisers' numbers at run time, and `lower_lr` / `upper_lr` are then called as (k, hyper);
+    None compiles in those of `cfg`, `lower_lr` (k) and `upper_lr` (k).
     """
     if cfg.hypergradient not in HYPERGRADIENTS:
         raise ValueError(
             f"hypergradient must be one of {HYPERGRADIENTS}, got {cfg.hypergradient!r}"
         )
-    # eps_root > 0 keeps d sqrt(v)/dg finite where a lower gradient is exactly 0
-    # (docs/fewshot.md §5.5); the float32 forward update is unchanged by 1e-30.
-    lower_tx = optax.adamw(
-        lower_lr, b1=lower_b1, b2=cfg.b2, eps=cfg.eps, eps_root=1e-30, weight_decay=cfg.weight_decay
-    )
-    upper_tx = optax.adamw(
-        upper_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=1e-30, weight_decay=cfg.weight_decay
-    )
+    numbers = {"lower_b1": lower_b1, "b1": cfg.b1, "b2": cfg.b2, "eps": cfg.eps,
+               "weight_decay": cfg.weight_decay}  # fmt: skip
+    lower_tx, upper_tx = optimizers(lower_lr, upper_lr, **numbers)
     loss_fn = make_loss_fn(graphdef, cfg)
     grad_w = jax.value_and_grad(loss_fn, argnums=0)
     grad_a = jax.value_and_grad(loss_fn, argnums=1)
 
-    def lower_update(lower, lower_opt, g):
-        updates, lower_opt = lower_tx.update(g, lower_opt, lower)
-        return optax.apply_updates(lower, updates), lower_opt
-
-    def step(state, frozen, batch1, batch2):
+    def step(state, frozen, batch1, batch2, hyper=None):
         lower, prompt = state["lower"], state["prompt"]
         lower_opt, prompt_opt, k = state["lower_opt"], state["prompt_opt"], state["step"]
-        eta = lower_lr(k)
-        metrics = {"lower_lr": eta, "upper_lr": upper_lr(k)}
+        if hyper is None:
+            num, lr_lower, lr_upper = numbers, lower_lr, upper_lr
+            lower_tx_k, upper_tx_k = lower_tx, upper_tx
+        else:
+            num = {name: hyper[name] for name in numbers}
+            lr_lower, lr_upper = lambda c: lower_lr(c, hyper), lambda c: upper_lr(c, hyper)
+            lower_tx_k, upper_tx_k = optimizers(lr_lower, lr_upper, **num)
+        eta = lr_lower(k)
+        metrics = {"lower_lr": eta, "upper_lr": lr_upper(k)}
+
+        def lower_update(lower, lower_opt, g):
+            updates, lower_opt = lower_tx_k.update(g, lower_opt, lower)
+            return optax.apply_updates(lower, updates), lower_opt
 
         if cfg.hypergradient == "exact" and not cfg.exact_extra_lookahead:
 
@@ -226,7 +255,7 @@ def build_step(
                 # D = 1: SGD-style lookahead for the hypergradient, real AdamW step for w.
                 def sgd_lookahead(w, gw):
                     lr = jnp.asarray(eta, w.dtype)  # float32 (1 - lr * wd) is off by ~3e-8
-                    return w * (1 - lr * cfg.weight_decay) - lr * gw
+                    return w * (1 - lr * num["weight_decay"]) - lr * gw
 
                 w_virtual = jax.tree.map(sgd_lookahead, lower, g)
                 w_next, opt_next = lower_update(lower, lower_opt, jax.lax.stop_gradient(g))
@@ -251,7 +280,7 @@ def build_step(
             else:
                 loss2, h = darts_fd_hypergradient(
                     loss_fn, lower_next, lower_opt_next, prompt, frozen, g, batch1, batch2,
-                    eta, k, lower_b1, cfg,
+                    eta, k, num, cfg,
                 )  # fmt: skip
         h_norm = optax.global_norm(h)
         if cfg.hypergradient_clip is not None:
@@ -260,7 +289,7 @@ def build_step(
         if cfg.hypergradient == "none":
             prompt_next, prompt_opt_next = prompt, prompt_opt
         else:
-            updates, prompt_opt_next = upper_tx.update(h, prompt_opt, prompt)
+            updates, prompt_opt_next = upper_tx_k.update(h, prompt_opt, prompt)
             prompt_next = optax.apply_updates(prompt, updates)
         metrics.update(
             lower_loss=loss1,
@@ -297,8 +326,9 @@ def make_step(
         lower_b1: lower AdamW beta1 (0.95 reproduces the reference's OneCycleLR side effect).
 
     Returns:
-        (step, lower_tx, upper_tx) with step(state, frozen, batch1, batch2) -> (state, metrics);
-        state = {"lower", "prompt", "lower_opt", "prompt_opt", "step"} is donated.
+        (step, lower_tx, upper_tx) with step(state, frozen, batch1, batch2, hyper=None) ->
+        (state, metrics) (`hyper`: see `build_step`); state = {"lower", "prompt", "lower_opt",
+        "prompt_opt", "step"} is donated.
     """
     step, lower_tx, upper_tx = build_step(graphdef, cfg, lower_lr, upper_lr, lower_b1)
     return (
@@ -321,17 +351,18 @@ def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
     state and metrics come back replicated.
 
     Returns:
-        epoch(state, frozen, data1, data2, idx1, idx2) -> (state, metrics), with data1/data2 the
-        batches stacked as dicts of (n_batches, B, ...) arrays, idx1/idx2 (T,) int32 and metrics
-        the step's scalars stacked to (T,); state is donated. Each distinct T compiles once.
+        epoch(state, frozen, data1, data2, idx1, idx2, hyper=None) -> (state, metrics), with
+        data1/data2 the batches stacked as dicts of (n_batches, B, ...) arrays, idx1/idx2 (T,)
+        int32, `hyper` as the step's and metrics the step's scalars stacked to (T,); state is
+        donated. Each distinct T compiles once.
     """
 
-    def epoch(state, frozen, data1, data2, idx1, idx2):
+    def epoch(state, frozen, data1, data2, idx1, idx2, hyper=None):
         def body(state, ij):
             i, j = ij
             batch1 = jax.tree.map(lambda x: x[i], data1)
             batch2 = jax.tree.map(lambda x: x[j], data2)
-            return step(state, frozen, batch1, batch2)
+            return step(state, frozen, batch1, batch2, hyper)
 
         return jax.lax.scan(body, state, (idx1, idx2))
 
@@ -344,9 +375,10 @@ def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
 
 
 def darts_fd_hypergradient(
-    loss_fn, lower_next, lower_opt_next, prompt, frozen, g, batch1, batch2, eta, k, lower_b1, cfg
+    loss_fn, lower_next, lower_opt_next, prompt, frozen, g, batch1, batch2, eta, k, num, cfg
 ):
-    """The reference's unrolled, finite-difference hypergradient (docs/fewshot.md §5.4 b).
+    """The reference's unrolled, finite-difference hypergradient (docs/fewshot.md §5.4 b);
+    `num` holds the optimisers' numbers (`lower_b1`, `b2`, `eps`, `weight_decay`).
 
     Returns:
         (L2 at the virtual point w', h = d - eta * hvp).
@@ -355,8 +387,8 @@ def darts_fd_hypergradient(
     if cfg.fd_accumulate_bug:  # the reference never zeroes the step-2 gradient
         g_new = jax.tree.map(jnp.add, g_new, g)
     mu, nu = _adam_moments(lower_opt_next)
-    b1 = 0.9 if cfg.fd_reference_b1 else lower_b1
-    b2 = cfg.b2
+    b1 = 0.9 if cfg.fd_reference_b1 else num["lower_b1"]
+    b2 = num["b2"]
     # Count of the virtual step in the default float dtype (float32 unless x64): with a float32
     # count, 1 - b2 ** t is off by ~1e-5 relative in a float64 run.
     t = 1.0 if cfg.fd_step1_bias else (k + 2).astype(float)
@@ -366,8 +398,8 @@ def darts_fd_hypergradient(
         lr = jnp.asarray(eta, w.dtype)
         m2 = b1 * m + (1 - b1) * gw
         v2 = b2 * v + (1 - b2) * gw * gw
-        return w * (1 - lr * cfg.weight_decay) - (lr / c1) * m2 / (
-            jnp.sqrt(v2) / jnp.sqrt(c2) + cfg.eps
+        return w * (1 - lr * num["weight_decay"]) - (lr / c1) * m2 / (
+            jnp.sqrt(v2) / jnp.sqrt(c2) + num["eps"]
         )
 
     w_virtual = jax.tree.map(virtual, lower_next, mu, nu, g_new)

@@ -69,41 +69,63 @@ CHECKPOINT_KINDS = ("latest", "best", "final")
 
 
 def schedules(t: FewShotConfig, total: int):
-    """(lower_lr(k), upper_lr(k), lower beta1) per docs/fewshot.md §5.2 (clean or reference)."""
+    """(lower_lr(k, hyper=None), upper_lr(k, hyper=None), lower beta1) per docs/fewshot.md §5.2
+    (clean or reference). With `hyper` (`hyperparameters`, as arrays inside a step) the schedules
+    read their numbers from it, else they compile in those of `t` and `total`."""
     tr = t.train
-    base, upper_base, p = tr.lower_lr, tr.upper_lr, tr.power
+    fixed = hyperparameters(t, total)
 
-    def poly(lr, k):
-        return lr * jnp.maximum(1.0 - k / total, 0.0) ** p
+    def numbers(h):
+        h = fixed if h is None else h
+        return h["lower_lr"], h["upper_lr"], h["power"], h["total"], h["warmup_period"]
+
+    def poly(lr, k, p, n):
+        return lr * jnp.maximum(1.0 - k / n, 0.0) ** p
 
     if tr.schedule == "clean":
         if tr.warmup:
-            w = tr.warmup_period
 
-            def lower(k):
+            def lower(k, h=None):
+                base, _, p, n, w = numbers(h)
                 k = jnp.asarray(k, jnp.float32)
-                return jnp.where(k < w, base * (k + 1) / w, poly(base, k - w))
+                return jnp.where(k < w, base * (k + 1) / w, poly(base, k - w, p, n))
         else:
 
-            def lower(k):
-                return poly(base, jnp.asarray(k, jnp.float32))
+            def lower(k, h=None):
+                base, _, p, n, _ = numbers(h)
+                return poly(base, jnp.asarray(k, jnp.float32), p, n)
 
-        def upper(k):
-            return poly(upper_base, jnp.asarray(k, jnp.float32))
+        def upper(k, h=None):
+            _, upper_base, p, n, _ = numbers(h)
+            return poly(upper_base, jnp.asarray(k, jnp.float32), p, n)
 
-        return lower, upper, tr.b1
-    if tr.schedule == "reference":
+        return lower, upper, fixed["lower_b1"]
 
-        def lower(k):
-            k = jnp.asarray(k, jnp.float32)
-            return jnp.where(k == 0, base / 25.0, poly(base, k - 1))
+    def lower(k, h=None):
+        base, _, p, n, _ = numbers(h)
+        k = jnp.asarray(k, jnp.float32)
+        return jnp.where(k == 0, base / 25.0, poly(base, k - 1, p, n))
 
-        def upper(k):  # the lower base lr after step 0 (reference bug)
-            k = jnp.asarray(k, jnp.float32)
-            return jnp.where(k == 0, upper_base, poly(base, k - 1))
+    def upper(k, h=None):  # the lower base lr after step 0 (reference bug)
+        base, upper_base, p, n, _ = numbers(h)
+        k = jnp.asarray(k, jnp.float32)
+        return jnp.where(k == 0, upper_base, poly(base, k - 1, p, n))
 
-        return lower, upper, 0.95  # OneCycleLR's constructor leaves beta1 at its max momentum
-    raise TrainError(f"train.schedule must be 'clean' or 'reference', got {tr.schedule!r}")
+    return lower, upper, fixed["lower_b1"]
+
+
+def hyperparameters(t: FewShotConfig, total: int) -> dict[str, float]:
+    """The run's `blo.HYPER_KEYS` numbers: the schedules' (`total` steps in all) and the
+    optimisers'. The trainer passes them to its step at run time (float32 scalars), so runs that
+    differ only in these compile the same program (docs/fewshot.md §5.3)."""
+    tr = t.train
+    if tr.schedule not in ("clean", "reference"):
+        raise TrainError(f"train.schedule must be 'clean' or 'reference', got {tr.schedule!r}")
+    # OneCycleLR's constructor leaves beta1 at its max momentum (the reference schedule)
+    lower_b1 = tr.b1 if tr.schedule == "clean" else 0.95
+    return {"lower_lr": tr.lower_lr, "upper_lr": tr.upper_lr, "power": tr.power,
+            "total": total, "warmup_period": tr.warmup_period, "lower_b1": lower_b1,
+            "b1": tr.b1, "b2": tr.b2, "eps": tr.eps, "weight_decay": tr.weight_decay}  # fmt: skip
 
 
 def step_config(cfg: FewShotConfig) -> StepConfig:
@@ -159,6 +181,8 @@ class Setup:
     preprocessing: Preprocessing
     mesh: Any = None  # the step's device mesh (`training.mesh.make_mesh`); None: one device
     precompiling: "Precompile | None" = None  # `precompile_epoch`; joined before the loop
+    # `hyperparameters` as float32 scalars: the step's numbers, passed at run time
+    hyper: Any = None
 
 
 class Steps(NamedTuple):
@@ -227,6 +251,7 @@ def build_setup(
     iters = math.ceil(len(d1.stems) / cfg.train.batch_size)
     total = cfg.train.epochs * iters
     lower_lr, upper_lr, lower_b1 = schedules(cfg, total)
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyperparameters(cfg, total).items()}
     scfg = step_config(cfg)
 
     def functions(trainable: Trainable) -> Steps:
@@ -248,7 +273,7 @@ def build_setup(
         return Setup(
             cfg, sam_cfg, weights, fns.graphdef, trainable.frozen, initial, scfg, d1, d2,
             fns.lower_tx, fns.upper_tx, fns.step_fn, fns.epoch_fn, total, iters, box_note, sam,
-            embedder, prep, mesh,
+            embedder, prep, mesh, hyper=hyper,
         )  # fmt: skip
 
     fns, precompiling = None, None
@@ -330,7 +355,9 @@ def precompile_epoch(setup: Setup) -> "Precompile | None":
 
     def compile_epoch(precompile: "Precompile"):
         try:
-            lowered = setup.epoch_fn.lower(setup.initial, setup.frozen, d1, d2, idx, idx)
+            lowered = setup.epoch_fn.lower(
+                setup.initial, setup.frozen, d1, d2, idx, idx, setup.hyper
+            )
             precompile.decided.wait()
             if precompile.go:
                 lowered.compile()
@@ -534,22 +561,25 @@ class Batches:
         return (k % self.iters_per_epoch).astype(np.int32), j.astype(np.int32)
 
 
-def run_iterations(setup: Setup, batches: Batches, state: dict, start: int, stop: int, frozen=None):
+def run_iterations(
+    setup: Setup, batches: Batches, state: dict, start: int, stop: int, frozen=None, hyper=None
+):
     """Iterations start .. stop - 1 of one epoch: one `epoch_fn` call over the stacked batches,
-    or (ragged batches) one `step_fn` call each. `frozen` is the frozen state as the step takes
-    it (replicated over a mesh; None: `setup.frozen`).
+    or (ragged batches) one `step_fn` call each. `frozen` and `hyper` are as the step takes them
+    (replicated over a mesh; None: `setup.frozen`, `setup.hyper`).
 
     Returns:
         (state, metrics): metrics as host arrays (T,) per name, T = stop - start.
     """
     mesh = setup.mesh
     frozen = setup.frozen if frozen is None else frozen
+    hyper = setup.hyper if hyper is None else hyper
     idx1, idx2 = batches.indices(start, stop)
     if batches.stacked:
         idx1, idx2 = jnp.asarray(idx1), jnp.asarray(idx2)
         if mesh is not None:
             idx1, idx2 = meshlib.replicate((idx1, idx2), mesh)
-        state, metrics = setup.epoch_fn(state, frozen, batches.d1, batches.d2, idx1, idx2)
+        state, metrics = setup.epoch_fn(state, frozen, batches.d1, batches.d2, idx1, idx2, hyper)
         return state, jax.device_get(metrics)
     rows = []
     for i, j in zip(idx1, idx2, strict=True):
@@ -557,7 +587,7 @@ def run_iterations(setup: Setup, batches: Batches, state: dict, start: int, stop
         batch2 = setup.d2.batch(batches.rows(int(j), False))
         if mesh is not None:
             batch1, batch2 = meshlib.shard_batch((batch1, batch2), mesh)
-        state, metrics = setup.step_fn(state, frozen, batch1, batch2)
+        state, metrics = setup.step_fn(state, frozen, batch1, batch2, hyper)
         rows.append(metrics)
     return state, jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(rows))
 
@@ -571,7 +601,9 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
     `step_time_s` being the call's wall time over its iterations.
     """
     batches = Batches.of(setup)
-    frozen = setup.frozen if setup.mesh is None else meshlib.replicate(setup.frozen, setup.mesh)
+    frozen, hyper = setup.frozen, setup.hyper
+    if setup.mesh is not None:
+        frozen, hyper = meshlib.replicate((frozen, hyper), setup.mesh)
     d2_eval = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the loop uses dice, iou
     try:
         if setup.precompiling is not None:  # the D2 evaluation compiles while the epoch does
@@ -596,7 +628,7 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
         while step < end:
             stop = min(end, (step // every + 1) * every) if every else end
             t0 = time.perf_counter()
-            state, stacked = run_iterations(setup, batches, state, step, stop, frozen)
+            state, stacked = run_iterations(setup, batches, state, step, stop, frozen, hyper)
             elapsed = (time.perf_counter() - t0) / (stop - step)
             for t in range(stop - step):
                 metrics = {k: float(v[t]) for k, v in stacked.items()}

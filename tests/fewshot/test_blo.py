@@ -687,7 +687,9 @@ def test_darts_fd_equals_closed_form_on_toy_problem(flags):
         loss2, h = darts_fd_hypergradient(
             _toy_loss, {"w": jnp.asarray(w1)}, opt, {"a": jnp.asarray(a)}, None,
             {"w": jnp.asarray(g)}, as_jax(batch1), as_jax(batch2), jnp.asarray(eta),
-            jnp.asarray(k, jnp.int32), lower_b1, cfg,
+            jnp.asarray(k, jnp.int32),
+            {"lower_b1": lower_b1, "b2": cfg.b2, "eps": cfg.eps, "weight_decay": cfg.weight_decay},
+            cfg,
         )  # fmt: skip
         h = np.asarray(h["a"])
 

@@ -169,3 +169,32 @@ def test_ragged_batches_take_one_jitted_step_per_iteration(tmp_path, counted):
     iterations = [r for r in records(tmp_path / "run") if r["kind"] == "iteration"]
     assert [r["step"] for r in iterations] == [1, 2, 3, 4]
     assert all(set(r) == ITERATION_KEYS for r in iterations)
+
+
+def test_runs_that_differ_only_in_hyperparameters_lower_one_program(tmp_path):
+    """The schedules' and optimisers' numbers reach the step at run time (`Setup.hyper`), so a
+    sweep over them (and over the epochs, which set the schedules' length) lowers one epoch
+    program, which the persistent XLA cache then compiles once for all its runs; each run still
+    trains with its own numbers. A structural setting (the Dice weight) is another program."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    def lowered_and_lr(epochs=2, **train):
+        setup = trainer.build_setup(smoke(epochs, **train), tmp_path / "run", quiet=True)
+        batches = trainer.Batches.of(setup)
+        idx = jnp.zeros((setup.iters_per_epoch,), jnp.int32)
+        args = (setup.frozen, batches.d1, batches.d2, idx, idx, setup.hyper)
+        text = setup.epoch_fn.lower(setup.initial, *args).as_text()
+        _, metrics = setup.epoch_fn(setup.initial, *args)
+        lower_lr, _, _ = trainer.schedules(setup.cfg, setup.total_steps)
+        expected = [float(lower_lr(k)) for k in range(setup.iters_per_epoch)]
+        np.testing.assert_allclose(np.asarray(metrics["lower_lr"]), expected, rtol=1e-6)
+        return text, list(np.asarray(metrics["lower_lr"]))
+
+    base, base_lr = lowered_and_lr()
+    swept = dict(epochs=5, lower_lr=1e-3, upper_lr=3e-4, weight_decay=0.05, b1=0.8, b2=0.99,
+                 eps=1e-6, power=1.0)  # fmt: skip
+    other, other_lr = lowered_and_lr(**swept)
+    assert other == base
+    assert other_lr != base_lr
+    assert lowered_and_lr(dice_weight=0.5)[0] != base
