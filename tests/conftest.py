@@ -39,6 +39,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(autouse=True)
+def no_kept_programs(monkeypatch):
+    """Every test starts with `utils.program_cache` off: a test that runs a CLI in this process
+    (`enable_compilation_cache`) would otherwise turn it on for the tests after it on this
+    worker. Tests of it turn it on themselves."""
+    from amsam_jax.utils import program_cache
+
+    monkeypatch.setitem(program_cache._state, "dir", None)
+
+
+@pytest.fixture(autouse=True)
 def pil_open_without_ultralytics_patch(monkeypatch):
     """Importing ultralytics (YOLO tests) replaces `PIL.Image.open` by a wrapper that, on a file
     PIL cannot identify, tries to install pi-heif (ModuleNotFoundError offline). amsam_jax never

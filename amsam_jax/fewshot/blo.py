@@ -356,6 +356,16 @@ def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
         int32, `hyper` as the step's and metrics the step's scalars stacked to (T,); state is
         donated. Each distinct T compiles once.
     """
+    return jax.jit(
+        epoch_of(step),
+        donate_argnums=0,
+        compiler_options=decoder_program_options(),
+        **replicated_outputs(mesh),
+    )
+
+
+def epoch_of(step: Callable) -> Callable:
+    """`make_epoch`'s function before `jax.jit`: a `lax.scan` of `step` over (idx1, idx2)."""
 
     def epoch(state, frozen, data1, data2, idx1, idx2, hyper=None):
         def body(state, ij):
@@ -366,12 +376,7 @@ def make_epoch(step: Callable, mesh: Mesh | None = None) -> Callable:
 
         return jax.lax.scan(body, state, (idx1, idx2))
 
-    return jax.jit(
-        epoch,
-        donate_argnums=0,
-        compiler_options=decoder_program_options(),
-        **replicated_outputs(mesh),
-    )
+    return epoch
 
 
 def darts_fd_hypergradient(

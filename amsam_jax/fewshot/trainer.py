@@ -37,6 +37,7 @@ from amsam_jax.fewshot.blo import (
     Trainable,
     TrainingModel,
     build_step,
+    epoch_of,
     make_epoch,
     split_trainable,
 )
@@ -63,6 +64,7 @@ from amsam_jax.training.run import (
 )
 from amsam_jax.training.sam import load_located, locate_sam
 from amsam_jax.training.state import clone_state, init_optimizer, restore_state
+from amsam_jax.utils import program_cache
 from amsam_jax.utils.runtime import decoder_program_options
 
 CHECKPOINT_KINDS = ("latest", "best", "final")
@@ -258,7 +260,8 @@ def build_setup(
         step, lower_tx, upper_tx = build_step(
             trainable.graphdef, scfg, lower_lr, upper_lr, lower_b1
         )
-        return Steps(trainable.graphdef, *jit_steps(step, mesh), lower_tx, upper_tx)
+        key = program_key(cfg, sam_cfg)
+        return Steps(trainable.graphdef, *jit_steps(step, mesh, key), lower_tx, upper_tx)
 
     def initial_of(trainable: Trainable, fns: Steps) -> dict:
         return {
@@ -401,12 +404,28 @@ def finish_precompile(setup: Setup) -> None:
         setup.precompiling = None
 
 
-def jit_steps(step, mesh) -> tuple[Any, Any]:
+def jit_steps(step, mesh, key: str | None = None) -> tuple[Any, Any]:
     """(one iteration per call, a run of iterations per call) of the unjitted `step`; over a
-    `mesh`, both return the state and metrics replicated (None: the single-device functions)."""
+    `mesh`, both return the state and metrics replicated (None: the single-device functions).
+    On one device with the compilation cache on, the epoch function keeps its traced program
+    under `key` (`utils.program_cache`, docs/fewshot.md §5.7)."""
     out = {} if mesh is None else meshlib.replicated_outputs(mesh)
     options = decoder_program_options()
-    return jax.jit(step, donate_argnums=0, compiler_options=options, **out), make_epoch(step, mesh)
+    directory = program_cache.programs_dir()
+    if mesh is None and key is not None and directory is not None:
+        epoch = program_cache.CachedProgram("epoch", epoch_of(step), key, directory, options)
+    else:
+        epoch = make_epoch(step, mesh)
+    return jax.jit(step, donate_argnums=0, compiler_options=options, **out), epoch
+
+
+def program_key(cfg: FewShotConfig, sam_cfg: SamConfig) -> str:
+    """What of a run's configuration may change its traced step: all of it but the numbers
+    `Setup.hyper` passes at run time (`hyperparameters`), which a sweep then shares."""
+    numbers = {f: 0 for f in ("lower_lr", "upper_lr", "power", "warmup_period", "epochs", "b1",
+                              "b2", "eps", "weight_decay")}  # fmt: skip
+    return repr((dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **numbers)),
+                 sam_cfg))  # fmt: skip
 
 
 def check_batches_divide(cfg: FewShotConfig, n1: int, n2: int, mesh) -> None:
@@ -604,6 +623,12 @@ def _train_loop(cfg: FewShotConfig, setup: Setup, run: Run, writer, state: dict,
     frozen, hyper = setup.frozen, setup.hyper
     if setup.mesh is not None:
         frozen, hyper = meshlib.replicate((frozen, hyper), setup.mesh)
+    elif isinstance(setup.epoch_fn, program_cache.CachedProgram):
+        # Its results are committed to the device: so are its arguments, from the first call on
+        # (and the state D2's evaluation compiles for), or each first call would compile again.
+        state, frozen, hyper = setup.epoch_fn.place((state, frozen, hyper))
+        batches = dataclasses.replace(batches, d1=setup.epoch_fn.place(batches.d1),
+                                      d2=setup.epoch_fn.place(batches.d2))  # fmt: skip
     d2_eval = dataclasses.replace(setup.d2.eval_data(), masks=None)  # the loop uses dice, iou
     try:
         if setup.precompiling is not None:  # the D2 evaluation compiles while the epoch does

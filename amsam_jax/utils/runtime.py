@@ -5,15 +5,20 @@ from pathlib import Path
 
 import jax
 
+from amsam_jax.utils import program_cache
+
 
 def enable_compilation_cache() -> None:
     """Reuse XLA compilations across runs (a decoder step compiles in ~1 min on 2 CPU cores).
 
-    The cache lives in `$AMSAM_XLA_CACHE`, else `~/.cache/amsam_jax/xla`.
+    The cache lives in `$AMSAM_XLA_CACHE`, else `~/.cache/amsam_jax/xla`; traced programs that
+    are kept (`utils.program_cache`) in the folder of that name + `-programs`.
     """
     default = Path.home() / ".cache" / "amsam_jax" / "xla"
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("AMSAM_XLA_CACHE", str(default)))
+    cache = os.environ.get("AMSAM_XLA_CACHE", str(default))
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    program_cache.enable(cache)
 
 
 # XLA:CPU hands dots, elementwise ops and reductions to YNNPACK. In the few-shot decoder

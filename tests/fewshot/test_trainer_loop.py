@@ -198,3 +198,57 @@ def test_runs_that_differ_only_in_hyperparameters_lower_one_program(tmp_path):
     assert other == base
     assert other_lr != base_lr
     assert lowered_and_lr(dice_weight=0.5)[0] != base
+
+
+def test_a_kept_epoch_program_serves_the_next_run_without_its_trace(
+    tmp_path, monkeypatch, caplog, counted
+):
+    """With the compilation cache on, the epoch's traced program is kept on disk
+    (`utils.program_cache`): a second run, here with other learning rates, loads it and traces
+    no step. Within a run the epoch and D2's evaluation compile once (the kept program's results
+    are committed to the device, and so is everything passed to it), and the kept program trains
+    bitwise as the traced one."""
+    import numpy as np
+
+    from amsam_jax.utils import program_cache
+
+    traced = []
+    build_step = trainer.build_step
+
+    def counting_build_step(*args, **kwargs):
+        step, lower_tx, upper_tx = build_step(*args, **kwargs)
+
+        def counted_step(*a):
+            traced.append(threading.current_thread().name)
+            return step(*a)
+
+        return counted_step, lower_tx, upper_tx
+
+    monkeypatch.setattr(trainer, "build_step", counting_build_step)
+    monkeypatch.setitem(program_cache._state, "dir", tmp_path / "programs")
+
+    def run(name, **train):
+        traced.clear()
+        caplog.clear()
+        jax.config.update("jax_log_compiles", True)
+        try:
+            with caplog.at_level(logging.WARNING):
+                trainer.train(smoke(2, **train), tmp_path / name)
+        finally:
+            jax.config.update("jax_log_compiles", False)
+        messages = [r.getMessage() for r in caplog.records]
+        compiles = [sum(m.startswith(f"Finished XLA compilation of jit({f})") for m in messages)
+                    for f in ("epoch", "fresh_predict")]  # fmt: skip
+        losses = [r["lower_loss"] for r in records(tmp_path / name) if r["kind"] == "iteration"]
+        return list(traced), compiles, losses
+
+    first = run("first")
+    assert first[:2] == (["precompile-epoch"], [1, 1])
+    assert len(list((tmp_path / "programs").glob("epoch-*.jaxexport"))) == 1
+    second = run("second", lower_lr=1e-3, upper_lr=3e-4)
+    assert second[0] == [] and second[1][0] <= 1  # loaded, not traced
+    assert second[2] != first[2]  # its own learning rates
+    monkeypatch.setitem(program_cache._state, "dir", None)
+    plain = run("plain")
+    assert plain[0] == ["precompile-epoch"]
+    np.testing.assert_array_equal(first[2], plain[2])
