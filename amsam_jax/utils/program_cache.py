@@ -107,29 +107,34 @@ class CachedProgram:
         signature = (tree, tuple((s.shape, str(s.dtype)) for s in specs))
         with self._lock:
             if signature not in self._programs:
-                exported = self._load_or_export(tree, specs, signature)
                 state_tree = jax.tree.structure(args[0])
 
-                def call(*xs):
-                    return exported.call(*xs)
+                def flat(*xs):
+                    state, aux = self.fn(*jax.tree.unflatten(tree, xs))
+                    return jax.tree.leaves(state), aux
 
-                call.__name__ = self.name
+                try:
+                    exported = self._load_or_export(flat, specs, signature)
+                    call = exported.call
+                except Exception:  # a program JAX cannot export: traced in every run, as
+                    call = flat  # without the cache (an error of `fn` itself shows here again)
+
+                def program(*xs):
+                    return call(*xs)
+
+                program.__name__ = self.name
                 donate = tuple(range(state_tree.num_leaves))
-                jitted = jax.jit(call, donate_argnums=donate, compiler_options=self.options)
+                jitted = jax.jit(program, donate_argnums=donate, compiler_options=self.options)
                 self._programs[signature] = (jitted, state_tree)
             return self._programs[signature]
 
-    def _load_or_export(self, tree, specs: list, signature: tuple):
+    def _load_or_export(self, flat: Callable, specs: list, signature: tuple):
         text = "\n".join([self.name, self.key, str(signature), _environment()])
         path = self.directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()}.jaxexport"
         try:
             return jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception:  # missing, truncated or from another JAX: trace it again
             pass
-
-        def flat(*xs):
-            state, aux = self.fn(*jax.tree.unflatten(tree, xs))
-            return jax.tree.leaves(state), aux
 
         exported = jax.export.export(jax.jit(flat))(*specs)
         try:  # atomically: a killed run leaves no half-written entry

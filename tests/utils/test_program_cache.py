@@ -102,6 +102,19 @@ def test_lowering_from_shapes_is_the_compile_calls_find(tmp_path, caplog):
     assert sum(m.startswith("Finished XLA compilation of jit(toy_once)") for m in messages) == 1
 
 
+def test_a_program_that_cannot_be_exported_is_traced_as_without_the_cache(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise NotImplementedError("serialization of host_callbacks is not yet implemented")
+
+    monkeypatch.setattr(jax.export, "export", refuse)
+    traces = []
+    fn = stateful(traces)
+    got = program_cache.CachedProgram("toy", fn, "key", tmp_path, None)(*copy(args()))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(fn)(*args())), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not list(tmp_path.iterdir())
+
+
 def test_enable_puts_programs_beside_the_xla_cache(tmp_path, monkeypatch):
     monkeypatch.setitem(program_cache._state, "dir", None)
     program_cache.enable(str(tmp_path / "xla") + "/")
