@@ -174,7 +174,7 @@ def make_loss_fn(graphdef, cfg: StepConfig) -> Callable:
 
 
 # The numbers a run may pass to the step at run time (`hyper`) instead of compiling them in: a
-# sweep over them then reuses one compiled program (docs/fewshot.md §5.3). The schedules read
+# sweep over them then reuses one compiled program (docs/fewshot.md §5.7). The schedules read
 # the first five (`fewshot.trainer.schedules`), the optimisers the rest.
 HYPER_KEYS = (
     "lower_lr", "upper_lr", "power", "total", "warmup_period",

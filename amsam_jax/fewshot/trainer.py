@@ -119,7 +119,7 @@ def schedules(t: FewShotConfig, total: int):
 def hyperparameters(t: FewShotConfig, total: int) -> dict[str, float]:
     """The run's `blo.HYPER_KEYS` numbers: the schedules' (`total` steps in all) and the
     optimisers'. The trainer passes them to its step at run time (float32 scalars), so runs that
-    differ only in these compile the same program (docs/fewshot.md §5.3)."""
+    differ only in these compile the same program (docs/fewshot.md §5.7)."""
     tr = t.train
     if tr.schedule not in ("clean", "reference"):
         raise TrainError(f"train.schedule must be 'clean' or 'reference', got {tr.schedule!r}")

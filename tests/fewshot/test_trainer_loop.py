@@ -11,6 +11,7 @@ import pytest
 
 from amsam_jax.evaluation import fewshot as evaluation
 from amsam_jax.fewshot import trainer
+from amsam_jax.fewshot.blo import HYPER_KEYS
 from amsam_jax.fewshot.recipes import am_sam
 
 ITERATION_KEYS = {
@@ -181,6 +182,7 @@ def test_runs_that_differ_only_in_hyperparameters_lower_one_program(tmp_path):
 
     def lowered_and_lr(epochs=2, **train):
         setup = trainer.build_setup(smoke(epochs, **train), tmp_path / "run", quiet=True)
+        assert set(setup.hyper) == set(HYPER_KEYS)
         batches = trainer.Batches.of(setup)
         idx = jnp.zeros((setup.iters_per_epoch,), jnp.int32)
         args = (setup.frozen, batches.d1, batches.d2, idx, idx, setup.hyper)
