@@ -7,12 +7,15 @@ import logging
 import threading
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from amsam_jax.evaluation import fewshot as evaluation
 from amsam_jax.fewshot import trainer
 from amsam_jax.fewshot.blo import HYPER_KEYS
 from amsam_jax.fewshot.recipes import am_sam
+from amsam_jax.utils import program_cache
 
 ITERATION_KEYS = {
     "kind", "step", "epoch", "lower_loss", "upper_loss", "lower_lr", "upper_lr",
@@ -55,6 +58,25 @@ def counted(monkeypatch) -> dict:
     return seen
 
 
+@pytest.fixture
+def traced(monkeypatch) -> list:
+    """The name of the thread that traces the step, once per trace of it."""
+    names = []
+    build_step = trainer.build_step
+
+    def counting_build_step(*args, **kwargs):
+        step, lower_tx, upper_tx = build_step(*args, **kwargs)
+
+        def counted_step(*a):
+            names.append(threading.current_thread().name)
+            return step(*a)
+
+        return counted_step, lower_tx, upper_tx
+
+    monkeypatch.setattr(trainer, "build_step", counting_build_step)
+    return names
+
+
 def records(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -74,25 +96,12 @@ def test_three_epochs_compile_the_epoch_and_the_evaluation_once(tmp_path, counte
 
 
 @pytest.mark.parametrize("model_type", ["tiny", "tiny_vit"])  # ViT and TinyViT embedding grids
-def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, monkeypatch, caplog,
+def test_the_epoch_compiled_during_setup_is_the_one_the_loop_calls(tmp_path, caplog, traced,
                                                                    model_type):  # fmt: skip
     """`precompile_epoch` traces and compiles the epoch from the model's shapes while the weights
     load and the embeddings are computed: the step is traced and compiled once in the whole run,
     in that thread (a second trace would be the loop compiling the epoch again, e.g. for
     embeddings or parameters of other shapes than it assumed)."""
-    traced = []
-    build_step = trainer.build_step
-
-    def counting_build_step(*args, **kwargs):
-        step, lower_tx, upper_tx = build_step(*args, **kwargs)
-
-        def counted_step(*a):
-            traced.append(threading.current_thread().name)
-            return step(*a)
-
-        return counted_step, lower_tx, upper_tx
-
-    monkeypatch.setattr(trainer, "build_step", counting_build_step)
     cfg = smoke(2)
     cfg = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, model_type=model_type))
     jax.config.update("jax_log_compiles", True)  # process-wide: the thread's compile is logged
@@ -177,8 +186,6 @@ def test_runs_that_differ_only_in_hyperparameters_lower_one_program(tmp_path):
     sweep over them (and over the epochs, which set the schedules' length) lowers one epoch
     program, which the persistent XLA cache then compiles once for all its runs; each run still
     trains with its own numbers. A structural setting (the Dice weight) is another program."""
-    import jax.numpy as jnp
-    import numpy as np
 
     def lowered_and_lr(epochs=2, **train):
         setup = trainer.build_setup(smoke(epochs, **train), tmp_path / "run", quiet=True)
@@ -203,30 +210,13 @@ def test_runs_that_differ_only_in_hyperparameters_lower_one_program(tmp_path):
 
 
 def test_a_kept_epoch_program_serves_the_next_run_without_its_trace(
-    tmp_path, monkeypatch, caplog, counted
+    tmp_path, monkeypatch, caplog, counted, traced
 ):
     """With the compilation cache on, the epoch's traced program is kept on disk
     (`utils.program_cache`): a second run, here with other learning rates, loads it and traces
     no step. Within a run the epoch and D2's evaluation compile once (the kept program's results
     are committed to the device, and so is everything passed to it), and the kept program trains
     bitwise as the traced one."""
-    import numpy as np
-
-    from amsam_jax.utils import program_cache
-
-    traced = []
-    build_step = trainer.build_step
-
-    def counting_build_step(*args, **kwargs):
-        step, lower_tx, upper_tx = build_step(*args, **kwargs)
-
-        def counted_step(*a):
-            traced.append(threading.current_thread().name)
-            return step(*a)
-
-        return counted_step, lower_tx, upper_tx
-
-    monkeypatch.setattr(trainer, "build_step", counting_build_step)
     monkeypatch.setitem(program_cache._state, "dir", tmp_path / "programs")
 
     def run(name, **train):
