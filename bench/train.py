@@ -7,7 +7,8 @@ Prints one JSON object, then a readable table (`bench/report.py`) with the machi
 - `iteration`: the jitted bi-level step (`blo.make_step`, as the trainer builds it) on a random
   ViT-B SAM at 256 px with one mask output (2 mask tokens), batch 1, random inputs shaped like
   cached embeddings (1, 16, 16, 256) and labels (1, 64, 64): compile time (first call minus a
-  steady-state call) and median/min/max seconds per iteration, synchronised on the metrics.
+  steady-state call) and median/min/max seconds per iteration, synchronised on the metrics;
+  called as the trainer calls it, with the schedules' and optimisers' numbers at run time.
 - `checkpoint_save_s`: one synchronous Orbax save of the trainable state
   (`training.state.save_state`); the trainer writes its saves in a background thread.
 - `run`: a whole `fewshot.trainer.train` run (random ViT-B, bundled synthetic data, `data.shots`,
@@ -200,8 +201,9 @@ def profile_pieces(loss, step_of, trainable, batch1, batch2, iterations: int) ->
         "forward (loss)": piece(loss, *args),
         "lower gradient": piece(jax.grad(loss, argnums=0), *args),
     }
-    for mode, (step, state) in step_of.items():
-        out[f"step {mode}"] = piece(step, state, trainable.frozen, batch1, batch2, classes=True)
+    for mode, (step, state, hyper) in step_of.items():
+        out[f"step {mode}"] = piece(step, state, trainable.frozen, batch1, batch2, hyper,
+                                    classes=True)  # fmt: skip
     return out
 
 
@@ -222,7 +224,7 @@ def bench_steps(args: argparse.Namespace) -> dict:
         split_trainable,
     )  # fmt: skip
     from amsam_jax.fewshot.lora import apply_lora, mark_trainable
-    from amsam_jax.fewshot.trainer import schedules, step_config
+    from amsam_jax.fewshot.trainer import hyperparameters, schedules, step_config
     from amsam_jax.training.prompt_decoder import PromptDecoder
     from amsam_jax.training.state import save_state
 
@@ -261,10 +263,12 @@ def bench_steps(args: argparse.Namespace) -> dict:
             trainable.graphdef, step_config(mcfg), lower_lr, upper_lr, b1
         )
         state = fresh_state(lower_tx, upper_tx)
+        # As the trainer calls it: the schedules' and optimisers' numbers at run time.
+        hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyperparameters(mcfg, total).items()}
 
-        def call(state, step_fn=step_fn):
+        def call(state, step_fn=step_fn, hyper=hyper):
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, trainable.frozen, batch1, batch2)
+            state, metrics = step_fn(state, trainable.frozen, batch1, batch2, hyper)
             metrics = {k: float(v) for k, v in metrics.items()}  # what the trainer syncs on
             return state, metrics, time.perf_counter() - t0
 
@@ -278,7 +282,7 @@ def bench_steps(args: argparse.Namespace) -> dict:
         median = statistics.median(times)
         if args.profile:
             pieces[mode] = (build_step(trainable.graphdef, step_config(mcfg), lower_lr, upper_lr,
-                                       b1)[0], fresh_state(lower_tx, upper_tx))  # fmt: skip
+                                       b1)[0], fresh_state(lower_tx, upper_tx), hyper)  # fmt: skip
         results[mode] = {
             "median_s": round(median, 4),
             "min_s": round(min(times), 4),

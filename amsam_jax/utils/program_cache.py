@@ -10,8 +10,13 @@ An entry's key is the caller's `key` (everything about the configuration that ma
 trace), the argument shapes and dtypes, the source of the `amsam_jax` package, the versions of
 JAX, jaxlib, Flax, Optax and NumPy, the backend and the JAX settings that change a trace. A
 change to any of them traces again. An unreadable entry is traced again and rewritten.
+
+The folder keeps the `KEPT` most recently used entries: every package edit or upgrade, and every
+configuration outside a sweep's numbers, writes a new one (about 0.2 MB for the few-shot epoch),
+so the oldest go when a new one is written. A loaded entry counts as used (its mtime is touched).
 """
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -24,6 +29,8 @@ import jax
 
 from amsam_jax.utils.io import atomic_write, ensure_folder
 
+SUFFIX = ".jaxexport"
+KEPT = 64  # entries kept per folder, the most recently used
 _state = {"dir": None}  # set by `enable` (the XLA cache's sibling folder); None: off
 
 
@@ -130,15 +137,37 @@ class CachedProgram:
 
     def _load_or_export(self, flat: Callable, specs: list, signature: tuple):
         text = "\n".join([self.name, self.key, str(signature), _environment()])
-        path = self.directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()}.jaxexport"
+        path = self.directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()}{SUFFIX}"
         try:
-            return jax.export.deserialize(bytearray(path.read_bytes()))
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception:  # missing, truncated or from another JAX: trace it again
             pass
+        else:
+            with contextlib.suppress(OSError):  # used now: the last to be evicted
+                os.utime(path)
+            return exported
 
         exported = jax.export.export(jax.jit(flat))(*specs)
         try:  # atomically: a killed run leaves no half-written entry
             atomic_write(ensure_folder(self.directory) / path.name, bytes(exported.serialize()))
         except OSError:  # an unwritable folder costs only the next run its trace
             pass
+        else:
+            evict(self.directory, KEPT)
         return exported
+
+
+def evict(directory: Path, kept: int) -> None:
+    """Removes all but the `kept` most recently used entries of `directory` (best effort: an
+    entry another process removes or replaces meanwhile is skipped)."""
+
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return float("inf")  # gone or replaced meanwhile: not ours to remove
+
+    entries = sorted(Path(directory).glob(f"*{SUFFIX}"), key=used, reverse=True)
+    for path in entries[kept:]:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -1,5 +1,7 @@
 """utils.program_cache: traced programs kept on disk, keyed by everything that changes a trace."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,31 @@ def test_enable_puts_programs_beside_the_xla_cache(tmp_path, monkeypatch):
     monkeypatch.setitem(program_cache._state, "dir", None)
     program_cache.enable(str(tmp_path / "xla") + "/")
     assert program_cache.programs_dir() == tmp_path / "xla-programs"
+
+
+def test_the_folder_keeps_the_most_recently_used_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(program_cache, "KEPT", 2)
+    traces = []
+    fn = stateful(traces)
+
+    def run(n):
+        program_cache.CachedProgram("toy", fn, "key", tmp_path, None)(*args(n))
+
+    def entries():
+        return sorted(tmp_path.glob("toy-*.jaxexport"))
+
+    run(3)
+    (first,) = entries()
+    run(4)
+    (second,) = set(entries()) - {first}
+    os.utime(first, (1.0, 1.0))  # the older one, long unused ...
+    os.utime(second, (2.0, 2.0))
+    run(3)  # ... until loaded again, without a trace: now the most recent
+    assert len(traces) == 2 and first.stat().st_mtime > 1.0
+    run(5)  # a third entry: the least recently used one (n = 4) goes
+    assert len(traces) == 3 and len(entries()) == 2 and first in entries()
+    assert second not in entries()
+    run(3)
+    assert len(traces) == 3
+    run(4)
+    assert len(traces) == 4  # evicted, so traced again
