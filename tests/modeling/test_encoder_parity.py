@@ -170,10 +170,22 @@ def test_attention_steps_at_vit_b_sizes():
     assert image_encoder.attention_steps(4 * 12, 14, 14) == (24, 14)
 
 
-@pytest.mark.parametrize("grids_per_step", [None, 3])
-def test_padded_window_tokens_take_part_in_attention_unmasked(monkeypatch, grids_per_step):
-    # 10x10 grid, window 7: padded to 14x14, so three of the four windows contain padding.
-    h, w, window, dim = 10, 10, 7, 16
+@pytest.mark.parametrize(
+    "hw, grids_per_step",
+    [
+        ((10, 10), None),  # padded to 14x14: three of the four windows hold padding
+        ((10, 10), 3),  # the same in steps of 2 (window, head) pairs
+        ((10, 16), None),  # 14x21: full, right-cut, bottom-cut and corner windows
+        ((5, 9), None),  # fewer rows than a window: only cut windows along that side
+        ((13, 13), None),  # 14x14, 14 % padding: below TRIM_PADDED_QUERIES, all queries kept
+    ],
+)
+def test_padded_window_tokens_take_part_in_attention_unmasked(monkeypatch, hw, grids_per_step):
+    h, w = hw
+    window, dim = 7, 16
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    trimmed = 1 - h * w / (hp * wp) >= image_encoder.TRIM_PADDED_QUERIES
+    assert trimmed == (hw != (13, 13))
     if grids_per_step is not None:  # 4 windows x 2 heads, 2 (window, head) pairs per step
         monkeypatch.setattr(image_encoder, "LOGITS_BYTES", grids_per_step * 4 * 49 * 49)
         assert image_encoder.attention_steps(8, 7, 7) == (2, 7)
@@ -181,13 +193,13 @@ def test_padded_window_tokens_take_part_in_attention_unmasked(monkeypatch, grids
     x = np.random.default_rng(4).standard_normal((1, h, w, dim)).astype(np.float32)
     got = encode(block, x)[0]
 
-    normed = np.pad(encode(block.norm1, x)[0], ((0, 4), (0, 4), (0, 0)))
-    valid = np.pad(np.ones((h, w), bool), ((0, 4), (0, 4)))
+    normed = np.pad(encode(block.norm1, x)[0], ((0, hp - h), (0, wp - w), (0, 0)))
+    valid = np.pad(np.ones((h, w), bool), ((0, hp - h), (0, wp - w)))
 
     def reference_block(mask_padding: bool) -> np.ndarray:
         attended = np.zeros_like(normed, dtype=np.float64)
-        for r in range(0, 14, window):
-            for c in range(0, 14, window):
+        for r in range(0, hp, window):
+            for c in range(0, wp, window):
                 win = (slice(r, r + window), slice(c, c + window))
                 mask = valid[win] if mask_padding else None
                 attended[win] = reference_attention(block.attn, normed[win], mask)
@@ -196,6 +208,13 @@ def test_padded_window_tokens_take_part_in_attention_unmasked(monkeypatch, grids
 
     np.testing.assert_allclose(got, reference_block(mask_padding=False), rtol=1e-4, atol=1e-4)
     assert np.abs(got - reference_block(mask_padding=True)).max() > 1e-2
+
+
+def test_window_groups_cover_each_side_in_runs_of_equal_real_tokens():
+    assert image_encoder.window_groups(16, 14) == [(0, 1, 14), (1, 1, 2)]
+    assert image_encoder.window_groups(64, 14) == [(0, 4, 14), (4, 1, 8)]
+    assert image_encoder.window_groups(28, 14) == [(0, 2, 14)]
+    assert image_encoder.window_groups(5, 7) == [(0, 1, 5)]
 
 
 def test_bfloat16_encoder_runs_and_stays_close_to_float32():
