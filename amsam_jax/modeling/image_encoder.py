@@ -205,7 +205,8 @@ class Attention(nnx.Module):
         for r0, nr, real_rows in window_groups(h, window_size):
             cols = []
             for c0, nc, real_cols in window_groups(w, window_size):
-                part = rearrange(grid[:, r0 : r0 + nr, c0 : c0 + nc], "b i j p q c -> (b i j) p q c")
+                part = grid[:, r0 : r0 + nr, c0 : c0 + nc]
+                part = rearrange(part, "b i j p q c -> (b i j) p q c")
                 out = self.attend(part, queries=(real_rows, real_cols))
                 cols.append(rearrange(out, "(b i j) p q c -> b (i p) (j q) c", i=nr, j=nc))
             rows.append(jnp.concatenate(cols, axis=2) if len(cols) > 1 else cols[0])
